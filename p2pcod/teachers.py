@@ -1,0 +1,247 @@
+"""TeacherPool: the latest checkpoint received from each neighbour, as a frozen model.
+
+A background fetcher thread calls swap() / remove() / retain() while the training thread calls
+predict(). Readers take a snapshot of the teacher list under a short lock and run the models outside it;
+writers build and load a new module outside the lock and only swap a reference under it, so predict()
+always sees a complete, fully loaded set of teachers and never a half-loaded module.
+
+Reuse: when a teacher's model config is unchanged, its previous module is kept as a standby and loaded
+with the next checkpoint, instead of building a new one; a standby still in use by a running predict()
+is never touched (a fresh module is built instead).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from p2pcod import distill
+from p2pcod.distill import DistillConfig
+from p2pcod.errors import P2pcodError
+
+
+class TeacherError(P2pcodError):
+    """A teacher could not be loaded or run: config that builds no model, state dict that does not fit."""
+
+
+@dataclass(frozen=True)
+class TeacherInfo:
+    name: str
+    step: int
+    model_cfg: dict
+    received_at: float  # time.time() when swapped in
+    meta: dict
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One loaded module; `busy` counts predict() calls running it (guarded by the pool lock)."""
+
+    module: torch.nn.Module
+    cfg_key: str
+    info: TeacherInfo
+    busy: int = field(default=0)
+
+
+def _cfg_key(model_cfg: Mapping) -> str:
+    """A canonical text of a model config, to tell whether two configs build the same module."""
+    try:
+        return json.dumps(model_cfg, sort_keys=True, default=repr)
+    except (TypeError, ValueError) as e:
+        raise TeacherError(f"model config is not serialisable: {e}") from e
+
+
+def _check_state_dict(name: str, state_dict: Mapping) -> None:
+    if not isinstance(state_dict, Mapping):
+        raise TeacherError(f"teacher {name!r}: state dict must be a mapping, got {type(state_dict).__name__}")
+    for key, t in state_dict.items():
+        if not isinstance(t, torch.Tensor):
+            raise TeacherError(
+                f"teacher {name!r}: state dict entry {key!r} is {type(t).__name__}, not a tensor"
+            )
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            raise TeacherError(f"teacher {name!r}: tensor {key!r} has non-finite values (NaN or inf)")
+
+
+class TeacherPool:
+    """Frozen teacher models by neighbour name; thread-safe; aggregates their predictions."""
+
+    def __init__(
+        self,
+        build_model: Callable[[Mapping], torch.nn.Module],
+        cfg: DistillConfig,
+        kind: str,
+        device: str | torch.device = "cpu",
+        max_teachers: int | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if kind not in distill.KINDS:
+            raise TeacherError(f"output kind must be one of {', '.join(distill.KINDS)}; got {kind!r}")
+        if max_teachers is not None and (isinstance(max_teachers, bool) or max_teachers < 1):
+            raise TeacherError(f"max_teachers must be >= 1 or None, got {max_teachers!r}")
+        self._build_model = build_model
+        self.cfg = cfg
+        self.kind = kind
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.max_teachers = max_teachers
+        self._lock = threading.Lock()
+        self._active: dict[str, _Slot] = {}
+        self._standby: dict[str, _Slot] = {}
+
+    # ----------------------------------------------------------------------------------------- writers
+
+    def swap(
+        self,
+        name: str,
+        state_dict: Mapping[str, torch.Tensor],
+        model_cfg: Mapping,
+        step: int,
+        meta: Mapping | None = None,
+    ) -> None:
+        """Load `state_dict` as the teacher `name`; on any failure the old teacher (if any) stays."""
+        if not isinstance(name, str) or not name:
+            raise TeacherError(f"teacher name must be a non-empty string, got {name!r}")
+        if not isinstance(model_cfg, Mapping):
+            raise TeacherError(
+                f"teacher {name!r}: model config must be a mapping, got {type(model_cfg).__name__}"
+            )
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise TeacherError(f"teacher {name!r}: step must be an integer, got {step!r}")
+        _check_state_dict(name, state_dict)
+        key = _cfg_key(model_cfg)
+        with self._lock:
+            spare = self._standby.get(name)
+            module = None
+            if spare is not None and spare.cfg_key == key and spare.busy == 0:
+                module = self._standby.pop(name).module  # ours alone now: no reader holds it
+        if module is None:
+            module = self._new_module(name, model_cfg)
+        self._load(name, module, state_dict)
+        info = TeacherInfo(name, step, copy.deepcopy(dict(model_cfg)), time.time(), dict(meta or {}))
+        with self._lock:
+            old = self._active.get(name)
+            self._active = {**self._active, name: _Slot(module, key, info)}
+            if old is not None and old.cfg_key == key:
+                self._standby[name] = old
+            else:
+                self._standby.pop(name, None)
+            self._evict_locked(keep=name)
+
+    def _new_module(self, name: str, model_cfg: Mapping) -> torch.nn.Module:
+        try:
+            module = self._build_model(dict(model_cfg))
+        except P2pcodError as e:
+            raise TeacherError(f"teacher {name!r}: cannot build a model from its config: {e}") from e
+        except Exception as e:  # a malformed config from a peer must not kill the fetcher
+            raise TeacherError(f"teacher {name!r}: building the model from its config failed: {e!r}") from e
+        if not isinstance(module, torch.nn.Module):
+            raise TeacherError(
+                f"teacher {name!r}: build_model returned {type(module).__name__}, not a Module"
+            )
+        return module.to(device=self.device, dtype=self.dtype) if self.dtype else module.to(self.device)
+
+    def _load(self, name: str, module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+        try:
+            with torch.no_grad():
+                module.load_state_dict(state_dict, strict=True)
+        except RuntimeError as e:  # missing / unexpected keys, shape mismatch
+            raise TeacherError(f"teacher {name!r}: state dict does not fit its model: {e}") from e
+        module.eval()
+        module.requires_grad_(False)
+
+    def _evict_locked(self, keep: str) -> None:
+        """Drop the stalest other teachers (lowest step, then oldest) while over max_teachers."""
+        if self.max_teachers is None:
+            return
+        while len(self._active) > self.max_teachers:
+            others = [s.info for n, s in self._active.items() if n != keep]
+            victim = min(others, key=lambda i: (i.step, i.received_at, i.name)).name
+            self._drop_locked(victim)
+
+    def _drop_locked(self, name: str) -> bool:
+        self._standby.pop(name, None)
+        if name not in self._active:
+            return False
+        self._active = {n: s for n, s in self._active.items() if n != name}
+        return True
+
+    def remove(self, name: str) -> bool:
+        """Drop teacher `name`; True if it was there."""
+        with self._lock:
+            return self._drop_locked(name)
+
+    def retain(self, names: Iterable[str]) -> list[str]:
+        """Drop every teacher not in `names` (peers that left the neighbourhood); returns the dropped."""
+        keep = set(names)
+        with self._lock:
+            dropped = sorted(n for n in self._active if n not in keep)
+            for n in dropped:
+                self._drop_locked(n)
+            for n in [n for n in self._standby if n not in keep]:
+                del self._standby[n]
+        return dropped
+
+    # ----------------------------------------------------------------------------------------- readers
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._active)
+
+    def info(self) -> list[TeacherInfo]:
+        with self._lock:
+            return [self._active[n].info for n in sorted(self._active)]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._active)
+
+    def staleness(self, my_step: int) -> dict[str, int]:
+        """my_step - the step of each teacher's checkpoint."""
+        return {i.name: my_step - i.step for i in self.info()}
+
+    def logits(self, x) -> list[torch.Tensor]:
+        """Each teacher's float32 logits on x, in names() order (empty list when there are none)."""
+        with self._lock:
+            slots = [self._active[n] for n in sorted(self._active)]
+            for s in slots:
+                s.busy += 1
+        try:
+            x = self._to_device(x)
+            # no_grad, not inference_mode: inference tensors cannot be saved for the student's backward
+            with torch.no_grad():
+                return [self._run(s, x) for s in slots]
+        finally:
+            with self._lock:
+                for s in slots:
+                    s.busy -= 1
+
+    def predict(self, x) -> torch.Tensor | None:
+        """The aggregated distillation target of all teachers on x (see distill.aggregate), or None."""
+        outs = self.logits(x)
+        if not outs:
+            return None
+        return distill.aggregate(outs, self.cfg, self.kind)
+
+    def _run(self, slot: _Slot, x) -> torch.Tensor:
+        out = slot.module(x)
+        if not isinstance(out, torch.Tensor):
+            raise TeacherError(
+                f"teacher {slot.info.name!r}: model returned {type(out).__name__}, not a logits tensor"
+            )
+        return out.float()
+
+    def _to_device(self, x):
+        """Move x (a tensor or a tuple/list of tensors) to the pool's device; floats to its dtype."""
+        if isinstance(x, torch.Tensor):
+            dtype = self.dtype if (self.dtype is not None and x.is_floating_point()) else x.dtype
+            return x.to(device=self.device, dtype=dtype)
+        if isinstance(x, (tuple, list)):
+            return type(x)(self._to_device(v) for v in x)
+        return x
