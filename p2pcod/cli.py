@@ -1,0 +1,146 @@
+"""The `p2pcod` command. Only this module prints and chooses exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from p2pcod.errors import P2pcodError
+
+EXIT_ERROR = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except P2pcodError as err:
+        print(f"p2pcod: error: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("p2pcod: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="p2pcod", description="Peer-to-peer codistillation.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train M models codistilling in one process (or baselines)")
+    p.add_argument("--config", required=True, help="peer recipe TOML, e.g. peers/lm-tiny.toml")
+    p.add_argument("--models", type=int, default=2, help="models in the group; 1 = plain baseline")
+    p.add_argument("--ensemble", action="store_true", help="train independent copies, evaluate their average")
+    p.add_argument("--fp32-teachers", action="store_true", help="skip the int8 codec for teachers (ablation)")
+    p.add_argument("--run-dir", default=None, help="where metrics and checkpoints go (default runs/<recipe>-...)")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a recipe key, e.g. --set train.steps=200 (repeatable)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("churn", help="prediction churn between two finished runs")
+    p.add_argument("runs", nargs=2, metavar="RUN_DIR")
+    p.set_defaults(func=cmd_churn)
+
+    p = sub.add_parser("inspect", help="show the header of a checkpoint blob")
+    p.add_argument("blob")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("data", help="data utilities")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    d = dsub.add_parser("synth-ctr", help="write a synthetic click log in the Criteo TSV format")
+    d.add_argument("--rows", type=int, required=True)
+    d.add_argument("--out", required=True)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_synth_ctr)
+    return parser
+
+
+def _default_run_dir(config: str, suffix: str) -> Path:
+    return Path("runs") / f"{Path(config).stem}-{suffix}"
+
+
+class _Progress:
+    """A progress bar on a terminal, plain log lines otherwise."""
+
+    def __init__(self, total: int, start: int = 0) -> None:
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+        self.last = start
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        shown = {k: record[k] for k in ("train_loss", "distill_loss", "val_loss", "teachers") if k in record}
+        if self.bar is not None:
+            self.bar.update(record["step"] - self.last)
+            self.bar.set_postfix(shown)
+        elif "val_loss" in record:
+            print(f"step {record['step']}: " + " ".join(f"{k}={v}" for k, v in shown.items()), file=sys.stderr)
+        self.last = record["step"]
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from p2pcod.config import load_recipe
+    from p2pcod.local import LocalGroup
+
+    recipe = load_recipe(args.config, args.overrides)
+    mode = "ensemble" if args.ensemble else "codistill"
+    kind = f"{mode}{args.models}" if args.models > 1 else "baseline"
+    run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(args.config, kind)
+    if (run_dir / "checkpoint.ckpt").exists() and not args.resume:
+        raise P2pcodError(f"{run_dir} already holds a run: pass --resume to continue it or choose another --run-dir")
+    group = LocalGroup(recipe, run_dir, models=args.models, mode=mode, fp32_teachers=args.fp32_teachers)
+    if args.resume and group.resume():
+        print(f"resumed {run_dir} at step {group.step}", file=sys.stderr)
+    progress = _Progress(recipe.train.steps, group.step)
+    try:
+        summary = group.run(progress)
+    finally:
+        progress.close()
+        group.close()
+    print(json.dumps({"run_dir": str(run_dir), **summary}))
+    return 0
+
+
+def cmd_churn(args: argparse.Namespace) -> int:
+    from p2pcod.churn import churn_runs
+
+    print(f"{churn_runs(*args.runs):.6f}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from p2pcod import codec
+
+    blob = Path(args.blob).read_bytes()
+    header = codec.peek(blob)
+    header["digest"] = codec.digest(blob)
+    header["size"] = len(blob)
+    print(json.dumps(header, indent=1, default=str))
+    return 0
+
+
+def cmd_synth_ctr(args: argparse.Namespace) -> int:
+    from p2pcod.tasks.ctr import write_synthetic_ctr
+
+    write_synthetic_ctr(args.out, args.rows, seed=args.seed)
+    print(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

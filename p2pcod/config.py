@@ -1,0 +1,241 @@
+"""Recipes: a peer's whole configuration, from TOML, then `--set section.key=value` overrides.
+
+A recipe has the tables [task] (task name + task keys), [model] (model config, passed to the task's
+model factory and announced to peers), [train], [distill] and [exchange]. Unknown keys and values of
+the wrong type are a ConfigError that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from p2pcod.errors import ConfigError
+
+OPTIMIZERS = ("adamw", "adam", "sgd", "adagrad")
+SPLITS = ("disjoint", "same", "noniid")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 400
+    batch_size: int = 16
+    optimizer: str = "adamw"
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    warmup: int = 0  # linear learning-rate warm-up steps
+    grad_clip: float = 1.0  # 0 disables clipping
+    seed: int = 0
+    split: str = "disjoint"
+    log_every: int = 10  # metrics line every this many steps
+    eval_every: int = 50
+    eval_batches: int = 8
+    eval_batch_size: int = 32
+    checkpoint_every: int = 100
+    threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+
+    def __post_init__(self) -> None:
+        _check_choice("train.optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("train.split", self.split, SPLITS)
+        for key in ("steps", "batch_size", "log_every", "eval_every", "eval_batches", "eval_batch_size",
+                    "checkpoint_every"):
+            _check_positive(f"train.{key}", getattr(self, key))
+        for key in ("warmup", "threads", "seed"):
+            _check_non_negative(f"train.{key}", getattr(self, key))
+        _check_positive("train.lr", self.lr)
+        _check_non_negative("train.grad_clip", self.grad_clip)
+        _check_non_negative("train.weight_decay", self.weight_decay)
+
+
+@dataclass(frozen=True)
+class ExchangeConfig:
+    reload_every: int = 50  # publish a checkpoint / refresh teachers every this many steps
+    topology: str = "ring"
+    k: int = 2  # for k-ring and random-k
+    topology_seed: int = 0
+    edges: tuple[tuple[str, str], ...] = ()  # explicit (teacher, student) pairs for topology "edges"
+    block: int = 256  # codec absmax block
+    keep_dtype: str = "fp32"  # how the codec stores 1-D / small float tensors
+    level: int = 3  # zstd level
+    max_blob_mb: float = 2048.0  # refuse checkpoints larger than this
+    upload_mbit: float = 0.0  # upload cap in Mbit/s; 0 = unlimited
+    download_mbit: float = 0.0
+    fetch_timeout: float = 120.0
+    ttl: float = 30.0  # peer records expire unless refreshed within this many seconds
+    heartbeat: float = 5.0
+    max_teachers: int = 0  # 0 = as many as the topology gives
+
+    def __post_init__(self) -> None:
+        _check_positive("exchange.reload_every", self.reload_every)
+        _check_choice("exchange.keep_dtype", self.keep_dtype, ("fp32", "fp16"))
+        _check_positive("exchange.block", self.block)
+        for key in ("max_blob_mb", "fetch_timeout", "ttl", "heartbeat"):
+            _check_positive(f"exchange.{key}", getattr(self, key))
+        for key in ("upload_mbit", "download_mbit", "max_teachers", "k", "topology_seed"):
+            _check_non_negative(f"exchange.{key}", getattr(self, key))
+        if self.heartbeat >= self.ttl:
+            raise ConfigError(f"exchange.heartbeat ({self.heartbeat}) must be shorter than exchange.ttl ({self.ttl})")
+
+    def codec_options(self):
+        from p2pcod.codec import CodecOptions
+
+        return CodecOptions(block=self.block, keep_dtype=self.keep_dtype, level=self.level)
+
+    def topology_config(self):
+        from p2pcod.topology import TopologyConfig
+
+        return TopologyConfig.from_dict(
+            {"name": self.topology, "k": self.k, "seed": self.topology_seed, "edges": [list(e) for e in self.edges]}
+        )
+
+
+@dataclass(frozen=True)
+class Recipe:
+    task: dict[str, Any]
+    model: dict[str, Any]
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distill: Any = None  # p2pcod.distill.DistillConfig
+    exchange: ExchangeConfig = field(default_factory=ExchangeConfig)
+    source: str = ""
+
+    @property
+    def task_name(self) -> str:
+        return str(self.task["name"])
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, TOML/JSON-able form (what `from_dict` reads back)."""
+        out = {
+            "task": dict(self.task),
+            "model": dict(self.model),
+            "train": dataclasses.asdict(self.train),
+            "distill": dataclasses.asdict(self.distill),
+            "exchange": dataclasses.asdict(self.exchange),
+        }
+        out["exchange"]["edges"] = [list(e) for e in self.exchange.edges]
+        return out
+
+    def replace(self, **sections: Mapping[str, Any]) -> Recipe:
+        """A copy with some keys of some sections changed, e.g. replace(train={"seed": 3})."""
+        raw = self.to_dict()
+        for section, values in sections.items():
+            if section not in raw:
+                raise ConfigError(f"unknown recipe section {section!r}")
+            raw[section].update(values)
+        return Recipe.from_dict(raw, source=self.source)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], source: str = "") -> Recipe:
+        from p2pcod.distill import DistillConfig
+
+        where = f" in {source}" if source else ""
+        unknown = set(raw) - {"task", "model", "train", "distill", "exchange"}
+        if unknown:
+            raise ConfigError(f"unknown recipe section {sorted(unknown)[0]!r}{where}")
+        task = _table(raw, "task", where)
+        if "name" not in task:
+            raise ConfigError(f"task.name is missing{where}")
+        try:
+            distill = DistillConfig.from_dict(_table(raw, "distill", where))
+        except ConfigError as err:
+            raise ConfigError(f"{err}{where}") from None
+        return cls(
+            task=task,
+            model=_table(raw, "model", where),
+            train=build_dataclass(TrainConfig, _table(raw, "train", where), "train", where),
+            distill=distill,
+            exchange=build_dataclass(ExchangeConfig, _table(raw, "exchange", where), "exchange", where),
+            source=source,
+        )
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Read a recipe TOML file and apply `section.key=value` overrides (values parsed as TOML)."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"recipe {path} does not exist") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"recipe {path} is not valid TOML: {err}") from None
+    apply_overrides(raw, overrides)
+    return Recipe.from_dict(raw, source=str(path))
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> None:
+    """`train.steps=100`, `model.hidden=[64, 32]`, `task.corpus="/data"`: the value is TOML, or a bare string."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        section, _, name = key.strip().partition(".")
+        try:
+            value = tomllib.loads(f"v = {text.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text.strip()
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"override {item!r}: {section} is not a table")
+        raw[section][name.strip()] = value
+
+
+def build_dataclass(cls: type, values: Mapping[str, Any], section: str, where: str = ""):
+    """Instantiate a config dataclass, naming the key on unknown keys and on wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"unknown key {section}.{key}{where} (known: {', '.join(sorted(names))})")
+        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}{where}")
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise ConfigError(f"{err}{where}") from None
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool):
+        if isinstance(value, bool) != (hint is bool) or not isinstance(value, hint):
+            raise ConfigError(f"{key} must be {hint.__name__}, got {value!r}")
+        return value
+    if origin is tuple:  # only exchange.edges: a list of [teacher, student] name pairs
+        pairs = value if isinstance(value, list | tuple) else None
+        if pairs is None or not all(isinstance(p, list | tuple) and len(p) == 2 and all(isinstance(n, str) for n in p)
+                                    for p in pairs):
+            raise ConfigError(f"{key} must be a list of [teacher, student] name pairs, got {value!r}")
+        return tuple(tuple(p) for p in pairs)
+    if origin in (typing.Union, types.UnionType) or hint is Any:
+        return value
+    return value
+
+
+def _table(raw: Mapping[str, Any], name: str, where: str) -> dict[str, Any]:
+    value = raw.get(name, {})
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"[{name}] must be a table{where}")
+    return dict(value)
+
+
+def _check_choice(key: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} = {value!r} is not one of {', '.join(choices)}")
+
+
+def _check_positive(key: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{key} must be > 0, got {value!r}")
+
+
+def _check_non_negative(key: str, value: float) -> None:
+    if not value >= 0:
+        raise ConfigError(f"{key} must be >= 0, got {value!r}")

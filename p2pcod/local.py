@@ -1,0 +1,184 @@
+"""M models codistilling in one process (the paper's footnote variant), and its baselines.
+
+Every `reload_every` steps each model is encoded with the codec and decoded again before it is swapped
+into the other models' TeacherPools, so the teachers go through exactly the int8 path a checkpoint takes
+over the network. `mode="ensemble"` trains M independent copies and evaluates their averaged prediction;
+M = 1 is the plain baseline. Run layout: RUN_DIR/m<i>/metrics.jsonl per model, RUN_DIR/metrics.jsonl
+for the group (the deployed prediction: model 0, or the ensemble), RUN_DIR/checkpoint.ckpt,
+RUN_DIR/predictions.npy, RUN_DIR/recipe.json.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from p2pcod import checkpoint, codec
+from p2pcod.config import Recipe
+from p2pcod.errors import ConfigError
+from p2pcod.tasks import get_task
+from p2pcod.teachers import TeacherPool
+from p2pcod.topology import neighbours
+from p2pcod.trainer import MetricsLog, Trainer, ensemble_loss, predictions_of
+
+MODES = ("codistill", "ensemble")
+
+
+class LocalGroup:
+    def __init__(
+        self,
+        recipe: Recipe,
+        run_dir: str | Path,
+        *,
+        models: int = 2,
+        mode: str = "codistill",
+        fp32_teachers: bool = False,
+    ) -> None:
+        if models < 1:
+            raise ConfigError(f"--models must be >= 1, got {models}")
+        if mode not in MODES:
+            raise ConfigError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+        self.recipe = recipe
+        self.run_dir = Path(run_dir)
+        self.mode = mode
+        self.fp32_teachers = fp32_teachers
+        if recipe.train.threads:
+            torch.set_num_threads(recipe.train.threads)
+        self.task = get_task(recipe.task)
+        self.names = [f"m{i}" for i in range(models)]
+        t = recipe.train
+        val = self.task.val_batches(t.eval_batch_size, t.eval_batches)
+        distilling = mode == "codistill" and models > 1
+        self.trainers = [
+            Trainer(
+                recipe, self.task, shard=i, num_shards=models, run_dir=self.run_dir / name,
+                teachers=self._pool() if distilling else None, val_batches=val,
+            )
+            for i, name in enumerate(self.names)
+        ]
+        self.val = val
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        self.blobs: dict[str, tuple[int, bytes]] = {}  # last published checkpoint per model
+        self.bytes_exchanged = 0
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "recipe.json").write_text(json.dumps(
+            {"recipe": recipe.to_dict(), "models": models, "mode": mode, "fp32_teachers": fp32_teachers},
+            indent=1,
+        ))
+
+    def _pool(self) -> TeacherPool:
+        return TeacherPool(self.task.build_model, self.recipe.distill, self.task.kind)
+
+    @property
+    def step(self) -> int:
+        return self.trainers[0].step
+
+    # ---- teacher exchange through the codec -----------------------------------------------------
+    def publish(self) -> None:
+        """Encode every model (as a peer would before serving it)."""
+        opts = self.recipe.exchange.codec_options()
+        for name, tr in zip(self.names, self.trainers, strict=True):
+            meta = {"peer": name, "step": tr.step, "task": self.task.name, "model": self.recipe.model}
+            self.blobs[name] = (tr.step, codec.encode(tr.model.state_dict(), meta, opts))
+
+    def refresh_teachers(self) -> None:
+        """Each model takes its neighbours' last published checkpoints as teachers (decoded from bytes)."""
+        topo = self.recipe.exchange.topology_config()
+        if len(self.names) == 2 or topo.name == "none":
+            topo = type(topo).from_dict({"name": "full"})  # two models: each learns from the other
+        round_ = self.step // self.recipe.exchange.reload_every
+        for name, tr in zip(self.names, self.trainers, strict=True):
+            if tr.teachers is None:
+                continue
+            wanted = neighbours(name, self.names, round_, topo)
+            for other in wanted:
+                step, blob = self.blobs[other]
+                if self.fp32_teachers:
+                    state = {k: v.clone() for k, v in self.trainers[self.names.index(other)].model.state_dict().items()}
+                else:
+                    state, _ = codec.decode(blob, expect_fingerprint=codec.fingerprint(tr.model))
+                tr.teachers.swap(other, state, self.recipe.model, step)
+                self.bytes_exchanged += len(blob)
+            tr.teachers.retain(wanted)
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def run(self, progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        t, ex = self.recipe.train, self.recipe.exchange
+        if self.step == 0:
+            self._log(evaluate=True, progress=progress)
+        while self.step < t.steps:
+            for tr in self.trainers:
+                tr.train_step()
+            if self.trainers[0].teachers is not None and self.step % ex.reload_every == 0:
+                self.publish()
+                self.refresh_teachers()
+            evaluate = self.trainers[0].due(t.eval_every)
+            if evaluate or self.trainers[0].due(t.log_every):
+                self._log(evaluate=evaluate, progress=progress)
+            if self.step % t.checkpoint_every == 0:
+                self.save()
+        self.save()
+        np.save(self.run_dir / "predictions.npy", self.deployed_predictions().astype(np.float32))
+        return self.summary()
+
+    def _log(self, evaluate: bool, progress) -> None:
+        lines = [tr.log(evaluate=evaluate) for tr in self.trainers]
+        record: dict[str, Any] = {"step": self.step, "time": lines[0]["time"], "models": len(lines)}
+        for key in ("train_loss", "distill_loss", "val_loss"):
+            vals = [line[key] for line in lines if key in line]
+            if vals:
+                record[key] = round(float(np.mean(vals)), 6)
+        if evaluate and self.mode == "ensemble" and len(self.trainers) > 1:
+            models = [tr.model for tr in self.trainers]
+            record["ensemble_val_loss"] = round(ensemble_loss(models, self.task, self.val), 6)
+        record["teachers"] = lines[0].get("teachers", 0)
+        record["bytes_exchanged"] = self.bytes_exchanged
+        self.metrics.write(record)
+        if progress:
+            progress(record)
+
+    def deployed_predictions(self) -> np.ndarray:
+        """What would be served: the ensemble's averaged prediction, or model 0's."""
+        models = [tr.model for tr in self.trainers] if self.mode == "ensemble" else [self.trainers[0].model]
+        return predictions_of(models, self.task, self.val)
+
+    def summary(self) -> dict[str, Any]:
+        vals = [tr.evaluate() for tr in self.trainers]
+        out: dict[str, Any] = {"step": self.step, "val_loss": vals, "bytes_exchanged": self.bytes_exchanged}
+        if self.mode == "ensemble" and len(self.trainers) > 1:
+            out["ensemble_val_loss"] = ensemble_loss([tr.model for tr in self.trainers], self.task, self.val)
+        return out
+
+    # ---- checkpoint / resume --------------------------------------------------------------------
+    def save(self) -> None:
+        state = {
+            "models": [tr.state() for tr in self.trainers],
+            "blobs": {name: [step, blob] for name, (step, blob) in self.blobs.items()},
+            "bytes_exchanged": self.bytes_exchanged,
+        }
+        checkpoint.save(self.run_dir / "checkpoint.ckpt", state)
+
+    def resume(self) -> bool:
+        path = self.run_dir / "checkpoint.ckpt"
+        if not path.exists():
+            return False
+        state = checkpoint.load(path)
+        for tr, s in zip(self.trainers, state["models"], strict=True):
+            tr.load_state(s)
+        self.blobs = {name: (int(step), bytes(blob)) for name, (step, blob) in state["blobs"].items()}
+        self.bytes_exchanged = int(state["bytes_exchanged"])
+        if self.blobs and self.trainers[0].teachers is not None:
+            counted = self.bytes_exchanged
+            self.refresh_teachers()  # the teachers the interrupted run held at this step
+            self.bytes_exchanged = counted
+        return True
+
+    def close(self) -> None:
+        self.metrics.close()
+        for tr in self.trainers:
+            tr.close()

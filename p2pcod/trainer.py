@@ -1,0 +1,282 @@
+"""The training loop of one model: Algorithm 1 of the paper over a Task and a TeacherPool.
+
+    first burn_in steps:             loss = φ(y, F(θ, x))
+    afterwards, with >= 1 teacher:   loss = φ(y, F(θ, x)) + α · ψ(aggregate_j F(θ_j, x), F(θ, x))
+
+The trainer never touches the network: whoever owns it (the in-process group in `local.py`, or a
+swarm peer) swaps teachers into its TeacherPool. It evaluates every `eval_every` steps, writes
+metrics as JSON lines, and keeps an atomic local checkpoint every `checkpoint_every` steps from which
+`resume()` continues with the same data order.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from p2pcod import checkpoint, distill
+from p2pcod.config import Recipe
+from p2pcod.tasks.base import Batch, Task
+from p2pcod.teachers import TeacherPool
+
+CHECKPOINT_NAME = "checkpoint.ckpt"
+
+
+def build_optimizer(params, recipe: Recipe) -> torch.optim.Optimizer:
+    t = recipe.train
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    if t.optimizer == "adam":
+        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, momentum=0.9, weight_decay=t.weight_decay)
+    return torch.optim.Adagrad(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+class MetricsLog:
+    """Append-only JSON lines; each line is flushed so a crash loses nothing written."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._file = path.open("a")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The JSON lines of a metrics file; a torn last line (crash mid-write) is ignored."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def seed_for(recipe: Recipe, shard: int) -> int:
+    """Each model gets its own seed: same recipe, different initialisation and data order."""
+    return recipe.train.seed * 1000 + shard
+
+
+class Trainer:
+    def __init__(
+        self,
+        recipe: Recipe,
+        task: Task,
+        *,
+        shard: int,
+        num_shards: int,
+        run_dir: str | Path,
+        teachers: TeacherPool | None = None,
+        seed: int | None = None,
+        val_batches: list[Batch] | None = None,
+    ) -> None:
+        self.recipe = recipe
+        self.task = task
+        self.shard = shard
+        self.num_shards = num_shards
+        self.run_dir = Path(run_dir)
+        self.teachers = teachers
+        self.seed = seed_for(recipe, shard) if seed is None else seed
+        torch.manual_seed(self.seed)
+        self.model = task.build_model(recipe.model)
+        self.optimizer = build_optimizer(self.model.parameters(), recipe)
+        self.step = 0
+        self.val = val_batches if val_batches is not None else self._val_batches()
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        self._batches: Iterator[Batch] | None = None
+        self._unigram = task.unigram() if recipe.distill.target == "unigram" else None
+        self._window: list[tuple[float, float, int]] = []  # (train loss, distill loss, teachers) since last log
+        self._started = time.time()
+        self.last_val_loss: float | None = None
+
+    # ---- training -------------------------------------------------------------------------------
+    def _val_batches(self) -> list[Batch]:
+        t = self.recipe.train
+        return self.task.val_batches(t.eval_batch_size, t.eval_batches)
+
+    def _next_batch(self) -> Batch:
+        if self._batches is None:
+            t = self.recipe.train
+            self._batches = self.task.train_batches(
+                self.shard, self.num_shards, split=t.split, batch_size=t.batch_size,
+                seed=self.seed, start_step=self.step,
+            )
+        return next(self._batches)
+
+    def _lr(self) -> float:
+        t = self.recipe.train
+        if t.warmup and self.step < t.warmup:
+            return t.lr * (self.step + 1) / t.warmup
+        return t.lr
+
+    def _distill_target(self, batch: Batch, logits: torch.Tensor) -> torch.Tensor | None:
+        cfg = self.recipe.distill
+        if distill.weight(self.step, cfg) == 0.0:
+            return None
+        if cfg.target != "teachers":
+            return distill.smoothing_target(logits, cfg, self.task.kind, self._unigram)
+        if self.teachers is None:
+            return None
+        return self.teachers.predict(batch.x)
+
+    def train_step(self) -> dict[str, float]:
+        """One optimiser step; returns this step's losses."""
+        cfg = self.recipe.distill
+        self.model.train()
+        batch = self._next_batch()
+        for group in self.optimizer.param_groups:
+            group["lr"] = self._lr()
+        logits = self.model(batch.x)
+        task_loss = self.task.loss(logits, batch)
+        target = self._distill_target(batch, logits)
+        distill_loss = distill.loss(logits, target, cfg, self.task.kind, self.step)
+        loss = task_loss + distill_loss
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.recipe.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.train.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        out = {
+            "train_loss": float(task_loss.detach()),
+            "distill_loss": float(distill_loss.detach()),
+            "teachers": 0 if target is None or cfg.target != "teachers" else len(self.teachers or ()),
+        }
+        self._window.append((out["train_loss"], out["distill_loss"], out["teachers"]))
+        return out
+
+    # ---- evaluation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        total, count = 0.0, 0
+        for batch in self.val:
+            total += float(self.task.loss(self.model(batch.x), batch)) * _batch_size(batch)
+            count += _batch_size(batch)
+        self.last_val_loss = total / max(count, 1)
+        return self.last_val_loss
+
+    @torch.no_grad()
+    def predictions(self) -> np.ndarray:
+        """Per-example predicted probabilities on the validation set (for churn)."""
+        self.model.eval()
+        return predictions_of([self.model], self.task, self.val)
+
+    def log(self, extra: dict[str, Any] | None = None, evaluate: bool = False) -> dict[str, Any]:
+        """Write one metrics line: means over the steps since the last line, plus validation loss."""
+        record: dict[str, Any] = {"step": self.step, "time": round(time.time() - self._started, 3)}
+        if self._window:
+            arr = np.array(self._window, dtype=np.float64)
+            record["train_loss"] = round(float(arr[:, 0].mean()), 6)
+            record["distill_loss"] = round(float(arr[:, 1].mean()), 6)
+            record["teachers"] = int(arr[-1, 2])
+            self._window.clear()
+        if evaluate:
+            record["val_loss"] = round(self.evaluate(), 6)
+        if self.teachers is not None:
+            record["teachers"] = len(self.teachers)
+            record["staleness"] = self.teachers.staleness(self.step)
+        if extra:
+            record.update(extra)
+        self.metrics.write(record)
+        return record
+
+    def due(self, every: int) -> bool:
+        return self.step % every == 0 or self.step == self.recipe.train.steps
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "seed": self.seed,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": checkpoint.rng_state(),
+            "elapsed": time.time() - self._started,
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        checkpoint.set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self.seed = int(state["seed"])
+        self._started = time.time() - float(state.get("elapsed", 0.0))
+        self._batches = None  # restart the data stream at self.step
+        self._window.clear()
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run_dir / CHECKPOINT_NAME
+
+    def save(self, extra: dict[str, Any] | None = None) -> None:
+        state = self.state()
+        if extra:
+            state["extra"] = extra
+        checkpoint.save(self.checkpoint_path, state)
+
+    def resume(self) -> dict[str, Any] | None:
+        """Load the local checkpoint if there is one; returns its `extra` payload (or None if none)."""
+        if not self.checkpoint_path.exists():
+            return None
+        state = checkpoint.load(self.checkpoint_path)
+        self.load_state(state)
+        return state.get("extra", {})
+
+    def close(self) -> None:
+        self.metrics.close()
+
+
+def _batch_size(batch: Batch) -> int:
+    return int(batch.y.shape[0])
+
+
+@torch.no_grad()
+def predictions_of(models: list[torch.nn.Module], task: Task, batches: list[Batch]) -> np.ndarray:
+    """Averaged predicted probabilities of `models` (an ensemble when several) over `batches`."""
+    out = []
+    for batch in batches:
+        probs = None
+        for model in models:
+            model.eval()
+            p = _probabilities(task.flat_logits(model(batch.x)).float(), task.kind)
+            probs = p if probs is None else probs + p
+        out.append((probs / len(models)).numpy())
+    return np.concatenate(out, axis=0)
+
+
+@torch.no_grad()
+def ensemble_loss(models: list[torch.nn.Module], task: Task, batches: list[Batch]) -> float:
+    """Validation loss of the averaged probabilities of `models` (the paper's ensemble baseline)."""
+    total, count = 0.0, 0
+    for batch in batches:
+        probs = None
+        for model in models:
+            model.eval()
+            p = _probabilities(model(batch.x).float(), task.kind)
+            probs = p if probs is None else probs + p
+        probs = (probs / len(models)).clamp(1e-7, 1 - 1e-7) if task.kind == "binary" else probs / len(models)
+        # Logits whose softmax / sigmoid is exactly the averaged probability, so task.loss applies.
+        logits = torch.log(probs.clamp_min(1e-12)) if task.kind != "binary" else torch.logit(probs)
+        total += float(task.loss(logits, batch)) * _batch_size(batch)
+        count += _batch_size(batch)
+    return total / max(count, 1)
+
+
+def _probabilities(logits: torch.Tensor, kind: str) -> torch.Tensor:
+    return torch.sigmoid(logits) if kind == "binary" else torch.softmax(logits, dim=-1)
+

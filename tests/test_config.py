@@ -1,0 +1,63 @@
+from pathlib import Path
+
+import pytest
+
+from p2pcod.config import ExchangeConfig, Recipe, TrainConfig, apply_overrides, load_recipe
+from p2pcod.errors import ConfigError
+
+PEERS = Path(__file__).resolve().parent.parent / "peers"
+
+
+@pytest.mark.parametrize("recipe", sorted(PEERS.glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_recipes_load(recipe):
+    r = load_recipe(recipe)
+    assert r.task_name in ("lm", "ctr")
+    assert r.train.steps > r.distill.burn_in >= 0
+    assert Recipe.from_dict(r.to_dict(), source=r.source) == r == r.replace()
+
+
+def test_overrides_are_toml_values():
+    r = load_recipe(PEERS / "lm-tiny.toml", ["train.steps=7", "train.lr=0.5", "exchange.topology=full"])
+    assert (r.train.steps, r.train.lr, r.exchange.topology) == (7, 0.5, "full")
+    raw = {}
+    apply_overrides(raw, ['model.hidden=[3, 4]', 'task.corpus="/x y"'])
+    assert raw == {"model": {"hidden": [3, 4]}, "task": {"corpus": "/x y"}}
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("train.stepz=3", "train.stepz"),
+        ("train.steps=-1", "train.steps"),
+        ("train.steps=1.5", "train.steps"),
+        ('train.optimizer="lamb"', "train.optimizer"),
+        ('train.split="odd"', "train.split"),
+        ("exchange.reload_every=0", "exchange.reload_every"),
+        ("exchange.heartbeat=100", "exchange.heartbeat"),
+        ("distill.alpha=-1", "alpha"),
+        ("distill.gamma=1", "gamma"),
+        ("bogus.key=1", "bogus"),
+        ("nodot=1", "section.key=value"),
+    ],
+)
+def test_bad_values_name_the_key(override, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
+        load_recipe(PEERS / "lm-tiny.toml", [override])
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_recipe(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\nsteps=")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_recipe(bad)
+    no_task = tmp_path / "no_task.toml"
+    no_task.write_text("[train]\nsteps = 3\n")
+    with pytest.raises(ConfigError, match="task.name"):
+        load_recipe(no_task)
+
+
+def test_defaults_are_valid():
+    assert TrainConfig().steps > 0
+    assert ExchangeConfig().reload_every == 50
