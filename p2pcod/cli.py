@@ -46,6 +46,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a recipe key, e.g. --set train.steps=200 (repeatable)")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("peer", help="train as a peer of a swarm, exchanging checkpoints with other peers")
+    p.add_argument("--config", required=True, help="peer recipe TOML, e.g. peers/lm-tiny.toml")
+    p.add_argument("--join", action="append", default=[], metavar="MULTIADDR",
+                   help="multiaddr of any peer already in the swarm (repeatable); none: start a new swarm")
+    p.add_argument("--listen", action="append", default=[], metavar="MULTIADDR",
+                   help="where to listen (default /ip4/0.0.0.0/tcp/0: all interfaces, a free port)")
+    p.add_argument("--announce", action="append", default=[], metavar="MULTIADDR",
+                   help="public address to announce when behind NAT/port forwarding")
+    p.add_argument("--name", default=None, help="this peer's name in the swarm (default: the host name)")
+    p.add_argument("--swarm", default="p2pcod", help="swarm name: peers of different swarms ignore each other")
+    p.add_argument("--topology", default=None, help="override exchange.topology (full, ring, ring-bi, ...)")
+    p.add_argument("--shard", default="0/1", metavar="I/K", help="train on shard I of K of the task's data")
+    p.add_argument("--run-dir", default=None, help="metrics, checkpoints and identity (default runs/<name>)")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    p.add_argument("--linger", type=float, default=0.0, help="keep serving this many seconds after training")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a recipe key (repeatable)")
+    p.set_defaults(func=cmd_peer)
+
     p = sub.add_parser("churn", help="prediction churn between two finished runs")
     p.add_argument("runs", nargs=2, metavar="RUN_DIR")
     p.set_defaults(func=cmd_churn)
@@ -80,7 +99,8 @@ class _Progress:
         self.last = start
 
     def __call__(self, record: dict[str, Any]) -> None:
-        shown = {k: record[k] for k in ("train_loss", "distill_loss", "val_loss", "teachers") if k in record}
+        keys = ("train_loss", "distill_loss", "val_loss", "teachers", "bytes_in", "bytes_out")
+        shown = {k: record[k] for k in keys if k in record}
         if self.bar is not None:
             self.bar.update(record["step"] - self.last)
             self.bar.set_postfix(shown)
@@ -113,6 +133,41 @@ def cmd_train(args: argparse.Namespace) -> int:
         progress.close()
         group.close()
     print(json.dumps({"run_dir": str(run_dir), **summary}))
+    return 0
+
+
+def cmd_peer(args: argparse.Namespace) -> int:
+    import socket
+
+    from p2pcod.config import load_recipe
+    from p2pcod.peer import PeerOptions, install_signal_handlers, join_command, parse_shard, run_peer
+
+    overrides = list(args.overrides) + ([f'exchange.topology="{args.topology}"'] if args.topology else [])
+    recipe = load_recipe(args.config, overrides)
+    shard, num_shards = parse_shard(args.shard)
+    name = args.name or socket.gethostname().split(".")[0] or "peer"
+    opts = PeerOptions(
+        name=name, swarm=args.swarm, run_dir=Path(args.run_dir or Path("runs") / name), join=args.join,
+        listen=args.listen or ["/ip4/0.0.0.0/tcp/0"], announce=args.announce, shard=shard,
+        num_shards=num_shards, resume=args.resume, linger=args.linger,
+    )
+    if (opts.run_dir / "checkpoint.ckpt").exists() and not args.resume:
+        raise P2pcodError(f"{opts.run_dir} already holds a run: pass --resume or choose another --run-dir")
+    install_signal_handlers(opts.stop)
+    progress = _Progress(recipe.train.steps)
+
+    def on_start(maddrs: list[str]) -> None:
+        print(f"peer {name} in swarm {args.swarm!r} listening on:", file=sys.stderr)
+        for a in maddrs:
+            print(f"  {a}", file=sys.stderr)
+        print("another machine joins with:\n  " + join_command(maddrs[:1], opts, args.config), file=sys.stderr,
+              flush=True)
+
+    try:
+        record = run_peer(recipe, opts, on_start=on_start, progress=progress)
+    finally:
+        progress.close()
+    print(json.dumps({"run_dir": str(opts.run_dir), **record}, default=str))
     return 0
 
 
