@@ -68,7 +68,7 @@ def _normalise_edges(edges: object) -> tuple[tuple[str, str], ...]:
             raise ConfigError(f"topology.edges entry {e!r} is not a [teacher, student] pair")
         pair = tuple(e)
         if len(pair) != 2 or not all(isinstance(p, str) and p for p in pair):
-            raise ConfigError(f"topology.edges entry {e!r} must be two non-empty peer names")
+            raise ConfigError(f"topology.edges entry {e!r} must be a pair of two non-empty peer names")
         if pair[0] == pair[1]:
             raise ConfigError(f"topology.edges entry {e!r}: a peer cannot be its own teacher")
         out.append(pair)
