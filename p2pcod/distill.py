@@ -130,16 +130,26 @@ def aggregate(teacher_logits: Sequence[torch.Tensor], cfg: DistillConfig, kind: 
     if kind == "multiclass" and len(shape) == 0:
         raise ShapeError("multiclass logits need a class dimension, got a scalar")
     with torch.no_grad():
-        stacked = torch.stack([t.detach().float() for t in teacher_logits])
-        if cfg.psi == "mse":
-            return _reduce(stacked, cfg.aggregate, cfg.trim)
-        scaled = stacked / cfg.temperature
-        if kind == "binary":
-            return _reduce(torch.sigmoid(scaled), cfg.aggregate, cfg.trim)
-        probs = _reduce(torch.softmax(scaled, dim=-1), cfg.aggregate, cfg.trim)
-        if cfg.aggregate != "mean":
-            probs = probs / probs.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(probs.dtype).tiny)
-        return probs
+        values = (_to_target(t.detach().float(), cfg, kind) for t in teacher_logits)
+        if cfg.aggregate == "mean" or len(teacher_logits) <= 2:
+            # running sum: one teacher's worth of memory, not K (LM logits are large)
+            total = next(values).clone()
+            for v in values:
+                total += v
+            return total / len(teacher_logits)
+        out = _reduce(torch.stack(list(values)), cfg.aggregate, cfg.trim)
+        if kind == "multiclass" and cfg.psi != "mse":
+            out = out / out.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(out.dtype).tiny)
+        return out
+
+
+def _to_target(logits: torch.Tensor, cfg: DistillConfig, kind: str) -> torch.Tensor:
+    """One teacher's logits -> what is aggregated: logits (mse) or probabilities at temperature T."""
+    if cfg.psi == "mse":
+        return logits
+    if kind == "binary":
+        return torch.sigmoid(logits / cfg.temperature)
+    return torch.softmax(logits / cfg.temperature, dim=-1)
 
 
 def smoothing_target(like: torch.Tensor, cfg: DistillConfig, kind: str, unigram: torch.Tensor | None) -> torch.Tensor:

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +25,8 @@ import torch
 from p2pcod import distill
 from p2pcod.distill import DistillConfig
 from p2pcod.errors import P2pcodError
+
+log = logging.getLogger(__name__)
 
 
 class TeacherError(P2pcodError):
@@ -92,6 +95,8 @@ class TeacherPool:
         self._lock = threading.Lock()
         self._active: dict[str, _Slot] = {}
         self._standby: dict[str, _Slot] = {}
+        self._skipped: dict[str, int] = {}
+        self._warned: dict[str, float] = {}  # per teacher: received_at of the checkpoint last warned about
 
     # ----------------------------------------------------------------------------------------- writers
 
@@ -161,6 +166,7 @@ class TeacherPool:
 
     def _drop_locked(self, name: str) -> bool:
         self._standby.pop(name, None)
+        self._warned.pop(name, None)
         if name not in self._active:
             return False
         self._active = {n: s for n, s in self._active.items() if n != name}
@@ -201,33 +207,77 @@ class TeacherPool:
         return {i.name: my_step - i.step for i in self.info()}
 
     def logits(self, x) -> list[torch.Tensor]:
-        """Each teacher's float32 logits on x, in names() order (empty list when there are none)."""
+        """Each teacher's float32 logits on x, in names() order (empty when there are none).
+
+        Raw outputs for diagnostics: a teacher that fails raises TeacherError naming it.
+        """
+        return [out for _, out in self._outputs(x, skip_bad=False, expect_shape=None)]
+
+    def predict(self, x, expect_shape: Sequence[int] | None = None) -> torch.Tensor | None:
+        """The aggregated distillation target of the teachers on x (see distill.aggregate), or None.
+
+        A teacher that raises, returns non-finite logits or (when expect_shape is given, e.g. the
+        student's logits shape) logits of another shape is left out of this call and counted in
+        skipped(): one bad checkpoint from the network must not stop or poison training. None when
+        the pool is empty or every teacher was left out.
+        """
+        outs = [out for _, out in self._outputs(x, skip_bad=True, expect_shape=expect_shape)]
+        if not outs:
+            return None
+        return distill.aggregate(outs, self.cfg, self.kind)
+
+    def skipped(self) -> dict[str, int]:
+        """How many predict() calls left each teacher out (failed, non-finite or wrong shape)."""
+        with self._lock:
+            return dict(self._skipped)
+
+    def _outputs(self, x, skip_bad: bool, expect_shape: Sequence[int] | None) -> list[tuple[str, torch.Tensor]]:
         with self._lock:
             slots = [self._active[n] for n in sorted(self._active)]
             for s in slots:
                 s.busy += 1
         try:
+            if not slots:
+                return []
             x = self._to_device(x)
+            out = []
             # no_grad, not inference_mode: inference tensors cannot be saved for the student's backward
             with torch.no_grad():
-                return [self._run(s, x) for s in slots]
+                for s in slots:
+                    try:
+                        out.append((s.info.name, self._run(s, x, skip_bad, expect_shape)))
+                    except TeacherError as e:
+                        if not skip_bad:
+                            raise
+                        self._note_skip(s, e)
+            return out
         finally:
             with self._lock:
                 for s in slots:
                     s.busy -= 1
 
-    def predict(self, x) -> torch.Tensor | None:
-        """The aggregated distillation target of all teachers on x (see distill.aggregate), or None."""
-        outs = self.logits(x)
-        if not outs:
-            return None
-        return distill.aggregate(outs, self.cfg, self.kind)
-
-    def _run(self, slot: _Slot, x) -> torch.Tensor:
-        out = slot.module(x)
+    def _run(self, slot: _Slot, x, check: bool, expect_shape: Sequence[int] | None) -> torch.Tensor:
+        name = slot.info.name
+        try:
+            out = slot.module(x)
+        except Exception as e:  # a foreign model that does not run on our inputs
+            raise TeacherError(f"teacher {name!r} (step {slot.info.step}) failed on this batch: {e!r}") from e
         if not isinstance(out, torch.Tensor):
-            raise TeacherError(f"teacher {slot.info.name!r}: model returned {type(out).__name__}, not a logits tensor")
-        return out.float()
+            raise TeacherError(f"teacher {name!r}: model returned {type(out).__name__}, not a logits tensor")
+        if expect_shape is not None and tuple(out.shape) != tuple(expect_shape):
+            raise TeacherError(f"teacher {name!r}: logits shape {tuple(out.shape)}, expected {tuple(expect_shape)}")
+        out = out.float()
+        if check and not bool(torch.isfinite(out).all()):
+            raise TeacherError(f"teacher {name!r} (step {slot.info.step}) produced non-finite logits")
+        return out
+
+    def _note_skip(self, slot: _Slot, err: TeacherError) -> None:
+        with self._lock:
+            self._skipped[slot.info.name] = self._skipped.get(slot.info.name, 0) + 1
+            first = self._warned.get(slot.info.name) != slot.info.received_at
+            self._warned[slot.info.name] = slot.info.received_at
+        if first:  # once per checkpoint, not once per step
+            log.warning("%s; leaving it out of the distillation target", err)
 
     def _to_device(self, x):
         """Move x (a tensor or a tuple/list of tensors) to the pool's device; floats to its dtype."""

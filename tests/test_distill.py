@@ -151,6 +151,13 @@ def test_mean_aggregate_is_mean_probability():
     assert logits[0].tolist() == pytest.approx([1.0, 0.0, 1.5])
 
 
+def test_aggregate_does_not_touch_teacher_logits():
+    t = torch.tensor([[1.0, 2.0]])
+    out = distill.aggregate([t], DistillConfig(psi="mse"), "multiclass")
+    out += 1
+    assert t.tolist() == [[1.0, 2.0]]
+
+
 def _honest_and_poisoned() -> list[torch.Tensor]:
     honest = [torch.tensor([[4.0 + 0.1 * i, 0.0, 0.0]]) for i in range(4)]
     return honest + [torch.tensor([[-20.0, 20.0, 0.0]])]

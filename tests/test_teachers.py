@@ -248,3 +248,23 @@ def test_concurrent_swap_and_predict():
     assert not t.is_alive() and errors == []
     assert 2.0 in seen
     assert swaps[0] > 20 and len(b.built) < 3 * swaps[0]  # it really swapped, reusing modules
+
+
+def test_predict_leaves_out_bad_teachers(caplog):
+    pool, _ = _pool()
+    good = _weights(seed=0)
+    pool.swap("good", good, CFG, step=1)
+    wide = {**CFG, "d_in": 5}  # cannot run on 4 features
+    pool.swap("wide", _weights(wide), wide, step=1)
+    huge = {k: torch.full_like(v, 3e38) for k, v in _weights(seed=1).items()}  # finite, but overflows
+    pool.swap("huge", huge, CFG, step=1)
+    x = torch.randn(3, 4)
+    ref = MLP(**CFG)
+    ref.load_state_dict(good)
+    for _ in range(3):
+        assert torch.allclose(pool.predict(x), torch.softmax(ref(x), dim=-1), atol=1e-6)
+    assert pool.skipped() == {"huge": 3, "wide": 3}
+    assert sum("wide" in r.getMessage() for r in caplog.records) == 1  # warned once per checkpoint
+    assert pool.predict(x, expect_shape=(3, 5)) is None  # every teacher left out: train without
+    with pytest.raises(TeacherError, match="'wide'"):
+        pool.logits(x)  # diagnostics see the raw failure
