@@ -152,7 +152,9 @@ def _to_target(logits: torch.Tensor, cfg: DistillConfig, kind: str) -> torch.Ten
     return torch.softmax(logits / cfg.temperature, dim=-1)
 
 
-def smoothing_target(like: torch.Tensor, cfg: DistillConfig, kind: str, unigram: torch.Tensor | None) -> torch.Tensor:
+def smoothing_target(
+    like: torch.Tensor, cfg: DistillConfig, kind: str, unigram: torch.Tensor | None
+) -> torch.Tensor:
     """A constant target of the form aggregate() returns, shaped like `like` (the student's logits).
 
     target="uniform": probability 1/C (0.5 for binary); for mse, logits 0.
@@ -218,7 +220,9 @@ def psi(student_logits: torch.Tensor, target: torch.Tensor, cfg: DistillConfig, 
     """ψ(target, student): a float32 scalar, mean over examples; gradients flow only into the student."""
     _check_kind(kind)
     if student_logits.shape != target.shape:
-        raise ShapeError(f"student logits shape {tuple(student_logits.shape)} != target shape {tuple(target.shape)}")
+        raise ShapeError(
+            f"student logits shape {tuple(student_logits.shape)} != target shape {tuple(target.shape)}"
+        )
     if kind == "multiclass" and student_logits.dim() == 0:
         raise ShapeError("multiclass logits need a class dimension, got a scalar")
     s = student_logits.float()

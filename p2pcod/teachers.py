@@ -65,7 +65,9 @@ def _check_state_dict(name: str, state_dict: Mapping) -> None:
         raise TeacherError(f"teacher {name!r}: state dict must be a mapping, got {type(state_dict).__name__}")
     for key, t in state_dict.items():
         if not isinstance(t, torch.Tensor):
-            raise TeacherError(f"teacher {name!r}: state dict entry {key!r} is {type(t).__name__}, not a tensor")
+            raise TeacherError(
+                f"teacher {name!r}: state dict entry {key!r} is {type(t).__name__}, not a tensor"
+            )
         if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
             raise TeacherError(f"teacher {name!r}: tensor {key!r} has non-finite values (NaN or inf)")
 
@@ -112,7 +114,9 @@ class TeacherPool:
         if not isinstance(name, str) or not name:
             raise TeacherError(f"teacher name must be a non-empty string, got {name!r}")
         if not isinstance(model_cfg, Mapping):
-            raise TeacherError(f"teacher {name!r}: model config must be a mapping, got {type(model_cfg).__name__}")
+            raise TeacherError(
+                f"teacher {name!r}: model config must be a mapping, got {type(model_cfg).__name__}"
+            )
         if isinstance(step, bool) or not isinstance(step, int):
             raise TeacherError(f"teacher {name!r}: step must be an integer, got {step!r}")
         _check_state_dict(name, state_dict)
@@ -143,7 +147,9 @@ class TeacherPool:
         except Exception as e:  # a malformed config from a peer must not kill the fetcher
             raise TeacherError(f"teacher {name!r}: building the model from its config failed: {e!r}") from e
         if not isinstance(module, torch.nn.Module):
-            raise TeacherError(f"teacher {name!r}: build_model returned {type(module).__name__}, not a Module")
+            raise TeacherError(
+                f"teacher {name!r}: build_model returned {type(module).__name__}, not a Module"
+            )
         return module.to(device=self.device, dtype=self.dtype) if self.dtype else module.to(self.device)
 
     def _load(self, name: str, module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
@@ -231,7 +237,9 @@ class TeacherPool:
         with self._lock:
             return dict(self._skipped)
 
-    def _outputs(self, x, skip_bad: bool, expect_shape: Sequence[int] | None) -> list[tuple[str, torch.Tensor]]:
+    def _outputs(
+        self, x, skip_bad: bool, expect_shape: Sequence[int] | None
+    ) -> list[tuple[str, torch.Tensor]]:
         with self._lock:
             slots = [self._active[n] for n in sorted(self._active)]
             for s in slots:
@@ -265,7 +273,9 @@ class TeacherPool:
         if not isinstance(out, torch.Tensor):
             raise TeacherError(f"teacher {name!r}: model returned {type(out).__name__}, not a logits tensor")
         if expect_shape is not None and tuple(out.shape) != tuple(expect_shape):
-            raise TeacherError(f"teacher {name!r}: logits shape {tuple(out.shape)}, expected {tuple(expect_shape)}")
+            raise TeacherError(
+                f"teacher {name!r}: logits shape {tuple(out.shape)}, expected {tuple(expect_shape)}"
+            )
         out = out.float()
         if check and not bool(torch.isfinite(out).all()):
             raise TeacherError(f"teacher {name!r} (step {slot.info.step}) produced non-finite logits")

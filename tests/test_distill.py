@@ -68,7 +68,10 @@ def test_mse_sums_classes_and_means_examples():
 def test_binary_ce_and_kl():
     s, p = [0.0, 2.0, -3.0], [0.3, 0.9, 0.0]
     expected = (
-        -sum(pi * math.log(_sigmoid(si)) + (1 - pi) * math.log(1 - _sigmoid(si)) for si, pi in zip(s, p, strict=True))
+        -sum(
+            pi * math.log(_sigmoid(si)) + (1 - pi) * math.log(1 - _sigmoid(si))
+            for si, pi in zip(s, p, strict=True)
+        )
         / 3
     )
     got = distill.psi(torch.tensor(s), torch.tensor(p), DistillConfig(psi="ce"), "binary")

@@ -14,7 +14,10 @@ class MLP(torch.nn.Module):
     def __init__(self, d_in: int, hidden: int, classes: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.net = torch.nn.Sequential(
-            torch.nn.Linear(d_in, hidden), torch.nn.ReLU(), torch.nn.Dropout(dropout), torch.nn.Linear(hidden, classes)
+            torch.nn.Linear(d_in, hidden),
+            torch.nn.ReLU(),
+            torch.nn.Dropout(dropout),
+            torch.nn.Linear(hidden, classes),
         )
 
     def forward(self, x):

@@ -59,7 +59,11 @@ def test_ring_shapes():
     assert neighbours("peer-3", PEERS, 0, TopologyConfig(name="ring")) == ["peer-2"]
     assert neighbours("peer-0", PEERS, 0, TopologyConfig(name="ring")) == ["peer-9"]  # wraps
     assert neighbours("peer-0", PEERS, 0, TopologyConfig(name="ring-bi")) == ["peer-1", "peer-9"]
-    assert neighbours("peer-5", PEERS, 0, TopologyConfig(name="k-ring", k=3)) == ["peer-2", "peer-3", "peer-4"]
+    assert neighbours("peer-5", PEERS, 0, TopologyConfig(name="k-ring", k=3)) == [
+        "peer-2",
+        "peer-3",
+        "peer-4",
+    ]
     assert neighbours("peer-9", PEERS, 0, TopologyConfig(name="exponential")) == [
         "peer-1",
         "peer-5",
@@ -125,7 +129,8 @@ def test_random_k_changes_between_rounds_but_not_within():
     assert per_round == [tuple(neighbours("peer-0", PEERS, r, cfg)) for r in range(10)]
     assert len(set(per_round)) > 3
     other_seed = [
-        tuple(neighbours("peer-0", PEERS, r, TopologyConfig(name="random-k", k=3, seed=12))) for r in range(10)
+        tuple(neighbours("peer-0", PEERS, r, TopologyConfig(name="random-k", k=3, seed=12)))
+        for r in range(10)
     ]
     assert other_seed != per_round
     # roughly uniform: every other peer gets picked over many rounds
@@ -137,7 +142,9 @@ def test_random_k_changes_between_rounds_but_not_within():
 
 
 def test_edges():
-    cfg = TopologyConfig.from_dict({"name": "edges", "edges": [["a", "c"], ["b", "c"], ["c", "a"], ["a", "c"]]})
+    cfg = TopologyConfig.from_dict(
+        {"name": "edges", "edges": [["a", "c"], ["b", "c"], ["c", "a"], ["a", "c"]]}
+    )
     assert cfg.edges == (("a", "c"), ("b", "c"), ("c", "a"), ("a", "c"))
     members = ["a", "b", "c"]
     assert graph(members, 0, cfg) == {"a": ["c"], "b": [], "c": ["a", "b"]}
