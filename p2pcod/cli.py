@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default=None, help="metrics, checkpoints and identity (default runs/<name>)")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
     p.add_argument("--linger", type=float, default=0.0, help="keep serving this many seconds after training")
+    p.add_argument("--control", default=None, help="JSON control file (simulator): {\"cut_off_until\": unix time}")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a recipe key (repeatable)")
     p.set_defaults(func=cmd_peer)
@@ -150,6 +151,7 @@ def cmd_peer(args: argparse.Namespace) -> int:
         name=name, swarm=args.swarm, run_dir=Path(args.run_dir or Path("runs") / name), join=args.join,
         listen=args.listen or ["/ip4/0.0.0.0/tcp/0"], announce=args.announce, shard=shard,
         num_shards=num_shards, resume=args.resume, linger=args.linger,
+        control=Path(args.control) if args.control else None,
     )
     if (opts.run_dir / "checkpoint.ckpt").exists() and not args.resume:
         raise P2pcodError(f"{opts.run_dir} already holds a run: pass --resume or choose another --run-dir")

@@ -67,6 +67,7 @@ class ExchangeConfig:
     max_blob_mb: float = 2048.0  # refuse checkpoints larger than this
     upload_mbit: float = 0.0  # upload cap in Mbit/s; 0 = unlimited
     download_mbit: float = 0.0
+    latency_ms: float = 0.0  # added delay before every transfer (simulated slow links)
     fetch_timeout: float = 120.0
     ttl: float = 30.0  # peer records expire unless refreshed within this many seconds
     heartbeat: float = 5.0
@@ -78,7 +79,7 @@ class ExchangeConfig:
         _check_positive("exchange.block", self.block)
         for key in ("max_blob_mb", "fetch_timeout", "ttl", "heartbeat"):
             _check_positive(f"exchange.{key}", getattr(self, key))
-        for key in ("upload_mbit", "download_mbit", "max_teachers", "k", "topology_seed"):
+        for key in ("upload_mbit", "download_mbit", "latency_ms", "max_teachers", "k", "topology_seed"):
             _check_non_negative(f"exchange.{key}", getattr(self, key))
         if self.heartbeat >= self.ttl:
             raise ConfigError(f"exchange.heartbeat ({self.heartbeat}) must be shorter than exchange.ttl ({self.ttl})")

@@ -131,7 +131,8 @@ class Trainer:
             return distill.smoothing_target(logits, cfg, self.task.kind, self._unigram)
         if self.teachers is None:
             return None
-        return self.teachers.predict(batch.x)
+        # expect_shape: a teacher whose output does not fit (another vocabulary...) is left out, not fatal
+        return self.teachers.predict(batch.x, expect_shape=logits.shape)
 
     def train_step(self) -> dict[str, float]:
         """One optimiser step; returns this step's losses."""

@@ -1,0 +1,178 @@
+"""The background teacher fetcher: members -> topology -> fetch -> decode -> TeacherPool.swap.
+
+It runs on its own thread and never blocks training. Everything it reads from the network is
+untrusted: a blob larger than announced or than the limit is refused before it is read, the digest is
+checked against the signed record, the codec decodes with limits and checks the announced fingerprint,
+and the TeacherPool refuses weights that do not fit the announced model config. Any failure is logged
+and counted, the old teacher stays, and the offending peer is retried later with exponential backoff;
+after repeated offences it is banned for a while.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from p2pcod import codec
+from p2pcod.errors import P2pcodError
+from p2pcod.swarm.records import PeerRecord
+from p2pcod.teachers import TeacherPool
+from p2pcod.topology import TopologyConfig, neighbours
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PeerHealth:
+    """What we know about one remote peer's behaviour."""
+
+    failures: int = 0  # consecutive failed fetches
+    offences: int = 0  # failed fetches in total
+    retry_at: float = 0.0  # monotonic time before which we do not try again
+    banned_until: float = 0.0
+    last_error: str = ""
+
+
+@dataclass
+class FetchPolicy:
+    max_bytes: int
+    timeout: float
+    backoff: float = 2.0  # first retry delay (s), doubled per consecutive failure
+    max_backoff: float = 60.0
+    ban_after: int = 5  # consecutive failures before a ban
+    ban_for: float = 300.0
+    limits: codec.Limits = field(default_factory=codec.Limits)
+
+
+class Fetcher:
+    def __init__(
+        self,
+        *,
+        me: str,
+        task: str,
+        teachers: TeacherPool,
+        members: Callable[[], list[PeerRecord]],
+        fetch_blob: Callable[[str, str, int, int, float], bytes],
+        topology: TopologyConfig,
+        reload_every: int,
+        my_step: Callable[[], int],
+        policy: FetchPolicy,
+        interval: float = 1.0,
+        paused: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self.me = me
+        self.task = task
+        self.teachers = teachers
+        self._members = members
+        self._fetch_blob = fetch_blob
+        self.topology = topology
+        self.reload_every = reload_every
+        self._my_step = my_step
+        self.policy = policy
+        self.interval = interval
+        self.health: dict[str, PeerHealth] = {}
+        self.held: dict[str, str] = {}  # teacher name -> digest held
+        self.stats = {"fetched": 0, "failed": 0, "rejected": 0, "bytes": 0, "banned": 0, "rounds": 0}
+        self._warned: set[str] = set()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.neighbours: list[str] = []
+        self._paused = paused  # true while cut off from the swarm (simulated partition): no fetching
+
+    # ---- thread -------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="p2pcod-fetcher", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.run_once()
+            except Exception:  # noqa: BLE001 - a bug here must not kill training; it is logged
+                log.exception("fetcher round failed")
+            self._stop.wait(self.interval)
+
+    # ---- one round ----------------------------------------------------------------------------
+    def run_once(self) -> None:
+        self.stats["rounds"] += 1
+        if self._paused():
+            return
+        records = self._members()
+        by_name = self._usable(records)
+        round_ = self._my_step() // self.reload_every
+        wanted = neighbours(self.me, sorted(set(by_name) | {self.me}), round_, self.topology)
+        self.neighbours = wanted
+        for dropped in self.teachers.retain(wanted):
+            self.held.pop(dropped, None)
+            log.info("dropped teacher %s (left the swarm or no longer a neighbour)", dropped)
+        for name in wanted:
+            if self._stop.is_set() or self._paused():
+                return
+            record = by_name[name]
+            if record.digest and self.held.get(name) != record.digest and self._may_try(name):
+                self._fetch(record)
+
+    def _usable(self, records: Sequence[PeerRecord]) -> dict[str, PeerRecord]:
+        """Records of peers of my task, one per name (the newest step wins a name clash)."""
+        out: dict[str, PeerRecord] = {}
+        for r in records:
+            if r.name == self.me:
+                continue
+            if r.task != self.task:
+                if r.name not in self._warned:
+                    log.warning("skipping peer %s: its task is %r, mine is %r", r.name, r.task, self.task)
+                    self._warned.add(r.name)
+                continue
+            if r.name not in out or r.step > out[r.name].step:
+                out[r.name] = r
+        return out
+
+    def _may_try(self, name: str) -> bool:
+        h = self.health.get(name)
+        now = time.monotonic()
+        return h is None or (now >= h.retry_at and now >= h.banned_until)
+
+    def _fetch(self, record: PeerRecord) -> None:
+        p = self.policy
+        try:
+            if record.size > p.max_bytes:
+                raise P2pcodError(f"announced size {record.size} exceeds the limit {p.max_bytes}")
+            blob = self._fetch_blob(record.peer_id, record.digest, record.size, p.max_bytes, p.timeout)
+            self.stats["bytes"] += len(blob)
+            state, meta = codec.decode(blob, expect_fingerprint=record.fingerprint, limits=p.limits)
+            self.teachers.swap(record.name, state, record.model_cfg, record.step, meta)
+        except P2pcodError as err:
+            self._offence(record, err)
+            return
+        self.held[record.name] = record.digest
+        self.health.pop(record.name, None)
+        self.stats["fetched"] += 1
+        log.info("teacher %s updated to step %d (%d bytes)", record.name, record.step, record.size)
+
+    def _offence(self, record: PeerRecord, err: Exception) -> None:
+        if self._paused():  # our own partition, not the peer's fault
+            return
+        p = self.policy
+        h = self.health.setdefault(record.name, PeerHealth())
+        h.failures += 1
+        h.offences += 1
+        h.last_error = str(err)
+        h.retry_at = time.monotonic() + min(p.backoff * 2 ** (h.failures - 1), p.max_backoff)
+        self.stats["failed"] += 1
+        if h.failures >= p.ban_after:
+            h.banned_until = time.monotonic() + p.ban_for
+            h.failures = 0
+            self.stats["banned"] += 1
+            log.warning("banning peer %s (%s) for %.0f s after repeated failures: %s",
+                        record.name, record.peer_id, p.ban_for, err)
+        else:
+            log.warning("checkpoint from peer %s (%s) rejected, keeping the old teacher: %s",
+                        record.name, record.peer_id, err)

@@ -1,0 +1,197 @@
+"""A swarm peer: the Trainer plus a Session (what `p2pcod peer` runs).
+
+The DHT node starts first (it forks a process, which must happen before torch starts its thread
+pools), then the task and the model, then the training loop: every step the session is told the step
+(it publishes every `reload_every` steps), metrics go to RUN_DIR/metrics.jsonl with the swarm's
+counters, a local checkpoint is written every `checkpoint_every` steps, and SIGINT/SIGTERM end the
+loop at a step boundary with a final checkpoint, leaving the swarm cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from p2pcod.config import Recipe
+from p2pcod.errors import ConfigError
+from p2pcod.session import Session
+from p2pcod.swarm.dht import Membership
+from p2pcod.tasks import get_task
+from p2pcod.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+@dataclass
+class PeerOptions:
+    name: str
+    swarm: str = "p2pcod"
+    run_dir: Path = Path("runs/peer")
+    join: Sequence[str] = ()
+    listen: Sequence[str] = ("/ip4/0.0.0.0/tcp/0",)
+    announce: Sequence[str] = ()
+    shard: int = 0
+    num_shards: int = 1
+    resume: bool = False
+    linger: float = 0.0  # keep serving this many seconds after the last step
+    control: Path | None = None  # JSON file re-read every second: {"cut_off_until": unix time}
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        if not NAME_RE.match(self.name):
+            raise ConfigError(f"--name {self.name!r} must be 1-64 characters of letters, digits, '.', '_' or '-'")
+        if not 0 <= self.shard < self.num_shards:
+            raise ConfigError(f"--shard {self.shard}/{self.num_shards}: need 0 <= shard < number of shards")
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'1/4' -> (1, 4)."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not m:
+        raise ConfigError(f"--shard {text!r} must look like I/K, e.g. 0/4")
+    return int(m.group(1)), int(m.group(2))
+
+
+def install_signal_handlers(stop: threading.Event) -> None:
+    def handler(signum: int, _frame: object) -> None:
+        log.warning("signal %d: finishing the current step, saving and leaving", signum)
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def join_command(maddrs: Sequence[str], opts: PeerOptions, config: str) -> str:
+    joins = " ".join(f"--join {a}" for a in maddrs)
+    return f"p2pcod peer --config {config} --swarm {opts.swarm} {joins} --name OTHER_NAME --shard 1/{opts.num_shards}"
+
+
+def run_peer(
+    recipe: Recipe,
+    opts: PeerOptions,
+    on_start: Callable[[list[str]], None] | None = None,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Train as a swarm member until the planned steps are done or `opts.stop` is set."""
+    opts.run_dir.mkdir(parents=True, exist_ok=True)
+    membership = Membership(
+        opts.swarm, identity_dir=opts.run_dir / "identity", initial_peers=list(opts.join),
+        host_maddrs=list(opts.listen), announce_maddrs=list(opts.announce), ttl=recipe.exchange.ttl,
+    )
+    session: Session | None = None
+    trainer: Trainer | None = None
+    try:
+        if recipe.train.threads:
+            torch.set_num_threads(recipe.train.threads)
+        task = get_task(recipe.task)
+        trainer = Trainer(recipe, task, shard=opts.shard, num_shards=opts.num_shards, run_dir=opts.run_dir)
+        resumed_from = None
+        if opts.resume:
+            if trainer.resume() is not None:
+                resumed_from = trainer.step
+            else:
+                log.warning("--resume: no checkpoint in %s, starting from step 0", opts.run_dir)
+        session = Session(
+            membership=membership, name=opts.name, model=trainer.model, model_cfg=recipe.model,
+            task=task.name, build_model=task.build_model, kind=task.kind, distill_cfg=recipe.distill,
+            exchange=recipe.exchange, start_step=trainer.step,
+        )
+        trainer.teachers = session.teachers
+        session.start()
+        if trainer.step > 0:
+            session.publish_now(trainer.step)  # serve the resumed weights right away
+        if opts.control is not None:
+            _watch_control(opts.control, session, opts.stop)
+        _write_identity(opts, membership, resumed_from, trainer)
+        if on_start:
+            on_start(membership.visible_maddrs())
+        return _train_loop(recipe, trainer, session, opts, progress, resumed_from)
+    finally:
+        if session is not None:
+            session.close()
+        else:
+            membership.shutdown()
+        if trainer is not None:
+            trainer.close()
+
+
+def _train_loop(recipe: Recipe, trainer: Trainer, session: Session, opts: PeerOptions,
+                progress: Callable[[dict[str, Any]], None] | None, resumed_from: int | None) -> dict[str, Any]:
+    t = recipe.train
+    if trainer.step == 0:
+        _log(trainer, session, evaluate=True, progress=progress)
+    elif resumed_from is not None:
+        _log(trainer, session, evaluate=True, progress=progress, extra={"resumed_from": resumed_from})
+    while trainer.step < t.steps and not opts.stop.is_set():
+        trainer.train_step()
+        session.step(trainer.step)
+        evaluate = trainer.due(t.eval_every)
+        if evaluate or trainer.due(t.log_every):
+            _log(trainer, session, evaluate=evaluate, progress=progress)
+        if trainer.step % t.checkpoint_every == 0:
+            trainer.save()
+    trainer.save()
+    record = _log(trainer, session, evaluate=True, progress=progress, extra={"final": True})
+    session.publish_now(trainer.step)
+    deadline = time.monotonic() + opts.linger
+    while time.monotonic() < deadline and not opts.stop.is_set():
+        opts.stop.wait(min(1.0, max(0.0, deadline - time.monotonic())))
+    return record
+
+
+def _log(trainer: Trainer, session: Session, evaluate: bool, progress, extra: dict | None = None) -> dict[str, Any]:
+    stats = session.stats()
+    fields = {k: stats[k] for k in ("bytes_in", "bytes_out", "fetch_ok", "fetch_failed", "neighbours")}
+    record = trainer.log(evaluate=evaluate, extra={**fields, **(extra or {})})
+    if progress:
+        progress(record)
+    return record
+
+
+def _watch_control(path: Path, session: Session, stop: threading.Event) -> None:
+    """Follow a control file written by the simulator: {"cut_off_until": unix time} partitions this peer."""
+
+    def loop() -> None:
+        seen = None
+        while not stop.wait(1.0):
+            try:
+                stat = path.stat()
+                if (stat.st_mtime_ns, stat.st_size) == seen:
+                    continue
+                seen = (stat.st_mtime_ns, stat.st_size)
+                until = float(json.loads(path.read_text()).get("cut_off_until", 0.0))
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError, TypeError, AttributeError) as err:
+                log.warning("ignoring unreadable control file %s: %s", path, err)
+                continue
+            if until != session.cut_off_until:
+                log.warning("control: cut off from the swarm until %.1f", until)
+                session.set_cut_off(until)
+
+    threading.Thread(target=loop, name="p2pcod-control", daemon=True).start()
+
+
+def _write_identity(opts: PeerOptions, membership: Membership, resumed_from: int | None, trainer: Trainer) -> None:
+    """RUN_DIR/peer.json: who this peer is and where it listens (read by the simulator and tests)."""
+    info = {
+        "name": opts.name, "swarm": opts.swarm, "peer_id": membership.peer_id,
+        "maddrs": membership.visible_maddrs(), "resumed_from": resumed_from, "time": time.time(),
+        "params": sum(p.numel() for p in trainer.model.parameters()),
+    }
+    path = opts.run_dir / "peer.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(info, indent=1))
+    tmp.replace(path)
