@@ -10,7 +10,8 @@ do not change the output. The zstd frame decompresses to the payload.
 
 The header holds the tensor table, the model fingerprint, the caller's metadata and the payload size.
 The payload is three sections, each region aligned to ALIGN bytes: the fp32 absmax scales of every
-quantized tensor, then the tensors kept as they are (or as fp16/fp32), then the int8 codes.
+quantized tensor (as byte planes), then the tensors kept as they are (or as fp16/fp32), then the
+int8 codes. Multi-byte values are little-endian.
 Grouping like with like lets zstd's per-block Huffman tables fit each kind of data.
 
 Float tensors with ndim >= 2 and at least `min_quant_numel` elements are quantized blockwise
@@ -21,7 +22,6 @@ block may be partial. `decode` treats its input as hostile and raises only Codec
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 import struct
 import warnings
@@ -166,7 +166,10 @@ def _plan(name: Any, t: Any, o: CodecOptions) -> tuple[torch.Tensor, str, str]:
     if t.layout != torch.strided or t.dtype not in _DTYPE_NAMES:
         raise CodecError(f"tensor {name!r}: unsupported dtype/layout {t.dtype}/{t.layout}")
     dname = _DTYPE_NAMES[t.dtype]
-    t = t.detach().cpu().contiguous()
+    try:
+        t = t.detach().cpu().contiguous()
+    except Exception as err:  # noqa: BLE001 - e.g. a meta-device tensor has no data to copy
+        raise CodecError(f"tensor {name!r}: cannot be read on the CPU: {err}") from err
     if dname not in _FLOATS:
         return t, dname, "raw"
     if t.ndim >= 2 and t.numel() >= max(o.min_quant_numel, 1):
@@ -238,14 +241,8 @@ def encode(state_dict: Mapping[str, torch.Tensor], meta: Mapping | None = None,
     # threads >= 1 always: zstd's multi-threaded output is the same for any worker count
     cctx = zstandard.ZstdCompressor(level=options.level, threads=options.threads or 1,
                                     write_checksum=True, write_content_size=True)
-    out = io.BytesIO()
-    out.write(b"".join([MAGIC, prefix, struct.pack("<II", crc, 0), hbytes]))
-    # streaming into the same buffer saves a copy of the whole frame (a join would cost ~20 ms/100 MB)
-    with cctx.stream_writer(out, size=payload_size, closefd=False, write_size=1 << 20) as writer:
-        writer.write(buf.numpy().data)
-    with out.getbuffer() as view:
-        struct.pack_into("<I", view, PREFIX_SIZE - 4, zlib.crc32(view[PREFIX_SIZE + len(hbytes):]))
-    return out.getvalue()
+    frame = cctx.compress(buf.numpy().data)  # one-shot beats stream_writer by ~25% even with the join
+    return b"".join([MAGIC, prefix, struct.pack("<II", crc, zlib.crc32(frame)), hbytes, frame])
 
 
 def _fill_regions(buf: torch.Tensor, e: dict[str, Any], t: torch.Tensor, enc: str, block: int,
@@ -260,7 +257,7 @@ def _fill_regions(buf: torch.Tensor, e: dict[str, Any], t: torch.Tensor, enc: st
             raise CodecError(f"tensor {name!r} has values beyond the fp16 range; use keep_dtype='fp32'")
         return
     q = dst.view(torch.int8)
-    s = buf[e["scales_offset"]:e["scales_offset"] + e["scales_nbytes"]].view(torch.float32)
+    s = torch.empty(e["scales_nbytes"] // 4)
     full = flat.numel() // block
     if full:
         _quantize_rows(flat[:full * block].view(full, block), q[:full * block].view(full, block),
@@ -268,6 +265,9 @@ def _fill_regions(buf: torch.Tensor, e: dict[str, Any], t: torch.Tensor, enc: st
     rest = flat.numel() - full * block
     if rest:
         _quantize_rows(flat[full * block:].view(1, rest), q[full * block:].view(1, rest), s[full:], name)
+    # byte planes (all first bytes, then all second...): zstd then sees the near-constant exponents together
+    planes = buf[e["scales_offset"]:e["scales_offset"] + e["scales_nbytes"]].view(4, -1)
+    planes.copy_(s.view(torch.uint8).view(-1, 4).t())
 
 
 def _zero_gaps(buf: torch.Tensor, table: list[dict[str, Any]]) -> None:
@@ -488,7 +488,8 @@ def _build(payload: bytes, e: dict[str, Any], block: int) -> torch.Tensor:
             raise CodecError(f"tensor {name!r} contains NaN or Inf")
         return out.view(shape)
     q = torch.frombuffer(payload, dtype=torch.int8, count=numel, offset=e["offset"])
-    s = torch.frombuffer(payload, dtype=torch.float32, count=_nblocks(numel, block), offset=e["scales_offset"])
+    planes = torch.frombuffer(payload, dtype=torch.uint8, count=e["scales_nbytes"], offset=e["scales_offset"])
+    s = planes.view(4, -1).t().contiguous().view(torch.float32).view(-1)
     _check_scales(s, dtype, name)
     full = numel // block
     step = max(1, _CHUNK_ELEMS // block)

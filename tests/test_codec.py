@@ -192,6 +192,7 @@ def test_compression_on_normal_weights() -> None:
     ({"x": [1.0, 2.0]}, "'x' is a list, not a tensor"),
     ({3: torch.zeros(2)}, "key 3 is not a str"),
     ({"c": torch.zeros(4, dtype=torch.complex64)}, "'c': unsupported dtype"),
+    ({"m": torch.zeros(4, device="meta")}, "'m': cannot be read on the CPU"),
 ])
 def test_encode_refuses(sd: dict, fragment: str) -> None:
     with pytest.raises(CodecError, match=fragment):
@@ -335,7 +336,10 @@ def test_decompression_bomb_is_refused_before_decompressing(blob: bytes) -> None
 def test_bad_scales_are_refused(blob: bytes, value: float, name: str) -> None:
     header, _ = split(blob)
     payload = payload_of(blob)
-    struct.pack_into("<f", payload, entry(header, name)["scales_offset"], value)
+    e = entry(header, name)
+    nblocks = e["scales_nbytes"] // 4
+    for k, byte in enumerate(struct.pack("<f", value)):  # scales are stored as byte planes
+        payload[e["scales_offset"] + k * nblocks + 1] = byte  # the second block's scale
     with pytest.raises(CodecError, match=f"tensor '{name}': non-finite, negative or out-of-range scales"):
         codec.decode(forge(header, frame_of(payload)))
 
