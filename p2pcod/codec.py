@@ -58,6 +58,12 @@ _TABLE_KEYS = {"name", "dtype", "shape", "enc", "offset", "nbytes"}
 _Q8_KEYS = {"scales_offset", "scales_nbytes"}
 _HEADER_KEYS = {"fingerprint", "meta", "block", "payload_size", "tensors"}
 MAX_BLOCK = 1 << 20
+_QUANT_MAX = 1.7e38  # larger fp32/fp64 |x| could make 127 * scale overflow fp32 on decode
+
+
+def _quant_max(dtype: torch.dtype) -> float:
+    """Largest |x| a quantized tensor of this dtype may hold (fp16/bf16: their whole range)."""
+    return torch.finfo(dtype).max if dtype.itemsize == 2 else _QUANT_MAX
 
 
 @dataclass(frozen=True)
@@ -184,12 +190,13 @@ def _plan(name: Any, t: Any, o: CodecOptions) -> tuple[torch.Tensor, str, str]:
 def _quantize_rows(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, name: str) -> None:
     """x (rows, block) float -> q (rows, block) int8 codes, s (rows,) fp32 scales; in chunks."""
     step = max(1, _CHUNK_ELEMS // x.shape[1])
+    limit = _quant_max(x.dtype)
     for i in range(0, x.shape[0], step):
         xc = x[i:i + step]
         # amax + amin beat aminmax/abs().amax() ~5x here; both propagate NaN, so NaN/Inf show up below
         absmax = torch.maximum(xc.amax(1), xc.amin(1).neg()).float()
-        if not bool(torch.isfinite(absmax).all()):
-            raise CodecError(f"tensor {name!r} contains NaN or Inf")
+        if not bool((absmax <= limit).all()):  # False for NaN too
+            raise CodecError(f"tensor {name!r} contains NaN or Inf, or values beyond +-{limit:g}")
         s[i:i + step] = absmax / 127
         # blocks so tiny that 127/absmax overflows (|x| < ~4e-37) are stored as zeros
         inv = torch.nan_to_num_(127.0 / absmax, nan=0.0, posinf=0.0)
@@ -471,7 +478,8 @@ def _alloc(numel: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _check_scales(s: torch.Tensor, dtype: torch.dtype, name: str) -> None:
-    top = torch.finfo(dtype).max / 127
+    # the slack covers fp32 rounding of absmax/127; with it, 127 * scale still fits the output dtype
+    top = _quant_max(dtype) / 127 * (1 + 2**-16)
     if not bool(torch.isfinite(s).all()) or bool((s < 0).any()) or (s.numel() and float(s.max()) > top):
         raise CodecError(f"tensor {name!r}: non-finite, negative or out-of-range scales")
 

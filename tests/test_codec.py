@@ -121,6 +121,14 @@ def test_kept_tensors_are_bit_exact(sd: dict[str, torch.Tensor], blob: bytes) ->
     assert encs["w"] == "q8" and encs["bias"] == "raw" and encs["small"] == "raw" and encs["mask"] == "raw"
 
 
+def test_extreme_values_round_trip_finite() -> None:
+    sd = {"h": torch.full((64, 64), 65504.0).half(), "bf": torch.full((64, 64), -3.3e38).bfloat16(),
+          "f": torch.full((64, 64), 1.69e38), "tiny": torch.full((64, 64), 1e-40)}
+    out, _ = codec.decode(codec.encode(sd))
+    assert torch.equal(out["h"], sd["h"]) and torch.equal(out["bf"], sd["bf"])
+    assert torch.allclose(out["f"], sd["f"], rtol=1e-6) and bool((out["tiny"].abs() <= 1e-40).all())
+
+
 def test_keep_fp16_stores_small_floats_in_fp16(sd: dict[str, torch.Tensor]) -> None:
     b16 = codec.encode(sd, options=CodecOptions(keep_dtype="fp16"))
     out, _ = codec.decode(b16)
@@ -189,6 +197,7 @@ def test_compression_on_normal_weights() -> None:
     ({"w": torch.full((64, 64), float("nan"))}, "'w' contains NaN or Inf"),
     ({"w": torch.cat([torch.zeros(4000), torch.tensor([float("inf")])]).view(1, -1)}, "'w' contains NaN"),
     ({"b": torch.tensor([1.0, float("-inf")])}, "'b' contains NaN or Inf"),
+    ({"w": torch.full((64, 64), 3e38)}, "'w' contains NaN or Inf, or values beyond"),
     ({"x": [1.0, 2.0]}, "'x' is a list, not a tensor"),
     ({3: torch.zeros(2)}, "key 3 is not a str"),
     ({"c": torch.zeros(4, dtype=torch.complex64)}, "'c': unsupported dtype"),
