@@ -1,0 +1,151 @@
+"""The trainer and the in-process group: Algorithm 1, metrics, checkpoints, resume, churn."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from p2pcod import codec
+from p2pcod.churn import churn, churn_runs, mean_and_half_range
+from p2pcod.cli import main
+from p2pcod.config import load_recipe
+from p2pcod.errors import DataError
+from p2pcod.local import LocalGroup
+from p2pcod.trainer import read_metrics
+
+PEERS = Path(__file__).resolve().parent.parent / "peers"
+TINY = [
+    "model.layers=1", "model.width=32", "model.heads=2", "model.context=32", "task.seq_len=32",
+    "train.batch_size=8", "train.eval_batches=2", "train.eval_batch_size=8", "train.log_every=2",
+    "train.eval_every=4", "train.warmup=0", "task.max_bytes=400000",
+]
+
+
+def tiny(*extra: str):
+    return load_recipe(PEERS / "lm-tiny.toml", TINY + list(extra))
+
+
+def test_burn_in_then_distillation(tmp_path):
+    recipe = tiny("train.steps=12", "distill.burn_in=6", "exchange.reload_every=4", "train.checkpoint_every=100")
+    group = LocalGroup(recipe, tmp_path, models=2)
+    distill_losses, teachers = [], []
+    while group.step < 12:
+        outs = [tr.train_step() for tr in group.trainers]
+        if group.step % 4 == 0:
+            group.publish()
+            group.refresh_teachers()
+        distill_losses.append([o["distill_loss"] for o in outs])
+        teachers.append([o["teachers"] for o in outs])
+    group.close()
+    # steps 0..5 are burn-in: no distillation term at all
+    assert all(d == 0.0 for row in distill_losses[:6] for d in row)
+    # from step 6 on, each model holds the other as its teacher (published at step 4) and distils
+    assert all(d > 0.0 for row in distill_losses[6:] for d in row)
+    assert all(t == 1 for row in teachers[6:] for t in row)
+    for tr in group.trainers:
+        assert tr.teachers.names() == [n for n in group.names if n != tr.run_dir.name]
+
+
+def test_single_model_is_plain_training(tmp_path):
+    group = LocalGroup(tiny("train.steps=8", "distill.burn_in=0"), tmp_path, models=1)
+    summary = group.run()
+    group.close()
+    rows = read_metrics(tmp_path / "m0" / "metrics.jsonl")
+    assert rows and all(r.get("distill_loss", 0.0) == 0.0 for r in rows)
+    assert summary["bytes_exchanged"] == 0
+    assert (tmp_path / "predictions.npy").exists()
+
+
+def test_teachers_go_through_the_codec(tmp_path):
+    group = LocalGroup(tiny("train.steps=4"), tmp_path, models=2)
+    group.publish()
+    step, blob = group.blobs["m1"]
+    state, meta = codec.decode(blob)
+    assert meta["peer"] == "m1" and meta["task"] == "lm"
+    group.refresh_teachers()
+    teacher = group.trainers[0].teachers
+    assert teacher.names() == ["m1"]
+    # the teacher holds the int8 round trip of m1, not m1's exact fp32 weights
+    x = group.val[0].x
+    with torch.no_grad():
+        exact = torch.softmax(group.trainers[1].model(x), -1)
+    approx = teacher.predict(x)
+    assert approx is not None and not torch.equal(approx, exact)
+    assert torch.allclose(approx, exact, atol=0.05)
+    group.close()
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    """Interrupted at a checkpoint and resumed, the run continues exactly as the uninterrupted one."""
+    args = ("train.steps=16", "train.checkpoint_every=6", "exchange.reload_every=4", "distill.burn_in=2")
+    full = LocalGroup(tiny(*args), tmp_path / "full", models=2)
+    full.run()
+    full.close()
+
+    part = LocalGroup(tiny(*args[1:], "train.steps=6"), tmp_path / "part", models=2)
+    part.run()  # stops at step 6, checkpoint written
+    part.close()
+    resumed = LocalGroup(tiny(*args), tmp_path / "part", models=2)
+    assert resumed.resume() and resumed.step == 6
+    resumed.run()
+    resumed.close()
+    for a, b in zip(full.trainers, resumed.trainers, strict=True):
+        for (k, va), vb in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True):
+            assert torch.allclose(va, vb, atol=1e-6), k
+    np.testing.assert_allclose(np.load(tmp_path / "full" / "predictions.npy"),
+                               np.load(tmp_path / "part" / "predictions.npy"), atol=1e-5)
+
+
+def test_ensemble_is_evaluated_on_the_average(tmp_path):
+    group = LocalGroup(tiny("train.steps=4"), tmp_path, models=2, mode="ensemble")
+    summary = group.run()
+    group.close()
+    assert all(tr.teachers is None for tr in group.trainers)
+    ens = summary["ensemble_val_loss"]
+    # the loss of the averaged prediction is never worse than the mean of the members' losses (convexity)
+    assert ens <= float(np.mean(summary["val_loss"])) + 1e-6
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert any("ensemble_val_loss" in r for r in rows)
+
+
+def test_validation_loss_falls_with_codistillation(tmp_path):
+    group = LocalGroup(tiny("train.steps=40", "distill.burn_in=8", "exchange.reload_every=8"), tmp_path, models=2)
+    group.run()
+    group.close()
+    rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "val_loss" in r]
+    assert rows[0]["step"] == 0 and rows[-1]["step"] == 40
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"] - 0.5
+
+
+def test_churn_metric_on_known_inputs(tmp_path):
+    assert churn(np.array([0.1, 0.5, 0.9]), np.array([0.2, 0.5, 0.6])) == pytest.approx((0.1 + 0 + 0.3) / 3)
+    a = np.array([[0.5, 0.5], [1.0, 0.0]])
+    b = np.array([[0.25, 0.75], [1.0, 0.0]])
+    assert churn(a, b) == pytest.approx(0.125)  # total variation: (0.25 + 0) / 2
+    assert churn(a, a) == 0.0
+    with pytest.raises(DataError, match="shape"):
+        churn(np.zeros(3), np.zeros(4))
+    assert mean_and_half_range([0.02, 0.03, 0.04]) == pytest.approx((0.03, 0.01))
+    for name, preds in (("a", [0.1, 0.2]), ("b", [0.3, 0.2])):
+        (tmp_path / name).mkdir()
+        np.save(tmp_path / name / "predictions.npy", np.array(preds))
+    assert churn_runs(tmp_path / "a", tmp_path / "b") == pytest.approx(0.1)
+    with pytest.raises(DataError, match="does not exist"):
+        churn_runs(tmp_path / "a", tmp_path / "missing")
+
+
+def test_cli_train_resume_and_errors(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", "--config", str(PEERS / "lm-tiny.toml"), "--models", "2", "--run-dir", str(run)]
+    sets = [x for s in TINY + ["train.steps=6", "train.checkpoint_every=3"] for x in ("--set", s)]
+    assert main(args + sets) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["step"] == 6 and len(out["val_loss"]) == 2
+    assert main(args + sets) == 2  # refuses to overwrite a run
+    assert "--resume" in capsys.readouterr().err
+    assert main(args + sets[:-2] + ["--set", "train.steps=9", "--set", "train.checkpoint_every=3", "--resume"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 9
+    assert main(["train", "--config", str(PEERS / "lm-tiny.toml"), "--set", "train.bogus=1"]) == 2
+    assert "train.bogus" in capsys.readouterr().err
