@@ -1,0 +1,338 @@
+"""Peer-to-peer checkpoint blobs over libp2p streams (the daemon of the peer's hivemind DHT node).
+
+Wire protocol `/p2pcod/<swarm>/blob/1`, one blob per stream:
+    client -> server   b"P2PCOD-GET1 " + 64 lowercase hex chars (sha256 of the wanted blob)
+    server -> client   1 status byte; if OK: 8-byte big-endian size, then the blob; then the stream closes.
+The client trusts nothing: it refuses an announced size above its limit before connecting, stops as soon
+as the size header or the byte count disagrees with the signed record, bounds the whole fetch by a
+timeout and checks the sha256. The server bounds the request, its concurrent uploads and each upload's
+duration, so that a flood or a client that stops reading cannot hold it forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import re
+import threading
+import time
+from collections import OrderedDict
+from typing import Any
+
+from hivemind.p2p import PeerID
+
+from p2pcod.errors import SwarmError
+from p2pcod.swarm.dht import Membership
+
+log = logging.getLogger(__name__)
+
+REQUEST_PREFIX = b"P2PCOD-GET1 "
+REQUEST_LEN = len(REQUEST_PREFIX) + 64
+OK, NOT_FOUND, BUSY, BAD_REQUEST = b"\x00", b"\x01", b"\x02", b"\x03"
+_STATUS_TEXT = {NOT_FOUND: "does not serve", BUSY: "is busy (too many uploads) and refused", BAD_REQUEST:
+                "rejected our request for"}
+_DIGEST_RE = re.compile(r"[0-9a-f]{64}")
+MAX_HANDSHAKES = 64  # connections still sending their request; more are refused at once
+
+
+class TransferError(SwarmError):
+    """A blob fetch failed; subclasses say why."""
+
+
+class BlobTooLarge(TransferError):
+    """The announced size exceeds the caller's limit (refused before connecting)."""
+
+
+class BlobNotServed(TransferError):
+    """The peer does not serve that digest (any more)."""
+
+
+class PeerBusy(TransferError):
+    """The peer is at its upload limit: not an offence, try later."""
+
+
+class BlobMismatch(TransferError):
+    """Size or sha256 of what arrived differs from the record."""
+
+
+class TransferTimeout(TransferError):
+    """The fetch did not complete within its timeout (stalled or too slow a peer)."""
+
+
+def protocol_name(swarm: str) -> str:
+    return f"/p2pcod/{swarm}/blob/1"
+
+
+class TokenBucket:
+    """A bytes/s limiter; rate None or 0 means unlimited.
+
+    Thread-safe and asyncio-friendly: `reserve(n)` takes n tokens under a lock (the balance may go
+    negative, so a chunk larger than the burst still passes) and returns how long the caller must wait;
+    `consume` sleeps that long, `aconsume` awaits it. Concurrent users share the rate fairly in call order.
+    """
+
+    def __init__(self, rate: float | None, burst: int | None = None) -> None:
+        if rate is not None and rate < 0:
+            raise ValueError(f"rate must be >= 0 or None, got {rate}")
+        self.rate = float(rate or 0.0)
+        self.burst = float(burst if burst is not None else max(64 * 1024, self.rate / 10))
+        self._tokens = self.burst
+        self._last = time.monotonic()
+        self._lock = threading.Lock()
+
+    @property
+    def unlimited(self) -> bool:
+        return self.rate <= 0
+
+    def reserve(self, n: int) -> float:
+        if self.unlimited:
+            return 0.0
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+            self._last = now
+            self._tokens -= n
+            return max(0.0, -self._tokens / self.rate)
+
+    def consume(self, n: int) -> None:
+        delay = self.reserve(n)
+        if delay > 0:
+            time.sleep(delay)
+
+    async def aconsume(self, n: int) -> None:
+        delay = self.reserve(n)
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
+class Transfer:
+    """Serves my latest blob (and the one before, so a fetcher with a slightly old record still gets it)
+    and fetches others' blobs, over the libp2p daemon of `membership`. Synchronous and thread-safe."""
+
+    def __init__(
+        self,
+        membership: Membership,
+        *,
+        upload_rate: float | None = None,
+        download_rate: float | None = None,
+        chunk_size: int = 1 << 20,
+        max_concurrent_uploads: int = 4,
+        request_timeout: float = 10.0,
+        upload_stall_timeout: float = 30.0,
+        upload_timeout: float = 600.0,
+    ) -> None:
+        if chunk_size < 1024 or max_concurrent_uploads < 1:
+            raise ValueError("chunk_size must be >= 1024 and max_concurrent_uploads >= 1")
+        self.membership = membership
+        self.name = protocol_name(membership.swarm)
+        self.chunk_size = int(chunk_size)
+        self.max_concurrent_uploads = int(max_concurrent_uploads)
+        self.request_timeout = request_timeout
+        self.upload_stall_timeout = upload_stall_timeout
+        self.upload_timeout = upload_timeout
+        self.upload_bucket = TokenBucket(upload_rate)
+        self.download_bucket = TokenBucket(download_rate)
+        self.stats: dict[str, int] = dict.fromkeys(
+            ("bytes_in", "bytes_out", "fetches_ok", "fetch_failures", "uploads", "upload_failures",
+             "uploads_refused", "not_found", "bad_requests"), 0)
+        self._stats_lock = threading.Lock()
+        self._blobs: OrderedDict[str, bytes] = OrderedDict()  # digest -> blob; the newest last, at most 2
+        self._blobs_lock = threading.Lock()
+        self._uploading = 0  # loop-thread only
+        self._handshaking = 0  # loop-thread only
+        self._tasks: set[asyncio.Task] = set()  # loop-thread only
+        self._closed = False
+        self._loop = membership.loop
+        self._p2p = membership.p2p()
+        self._loop.run(self._p2p.add_binary_stream_handler(self.name, self._handle), timeout=30.0,
+                       what="registering the blob handler")
+
+    # ---- serving ----------------------------------------------------------------------------------
+    def publish(self, blob: bytes, digest: str) -> None:
+        """Serve `blob` from now on (and keep serving the previous one: records lag a little)."""
+        blob = bytes(blob)
+        if hashlib.sha256(blob).hexdigest() != digest:
+            raise SwarmError(f"publish: digest {digest[:16]}... is not the sha256 of the {len(blob)}-byte blob")
+        with self._blobs_lock:
+            self._blobs.pop(digest, None)
+            self._blobs[digest] = blob
+            while len(self._blobs) > 2:
+                self._blobs.popitem(last=False)
+
+    def serving(self) -> list[str]:
+        """Digests served now, oldest first."""
+        with self._blobs_lock:
+            return list(self._blobs)
+
+    async def _handle(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        ok = False
+        try:
+            digest = await self._read_request(reader, writer)
+            if digest is None:
+                return
+            with self._blobs_lock:
+                blob = self._blobs.get(digest)
+            if blob is None:
+                self._count("not_found")
+                await self._reply(writer, NOT_FOUND)
+                return
+            if self._uploading >= self.max_concurrent_uploads:
+                self._count("uploads_refused")
+                await self._reply(writer, BUSY)
+                return
+            self._uploading += 1
+            try:
+                await asyncio.wait_for(self._send(blob, writer), self.upload_timeout)
+                ok = True
+                self._count("uploads")
+            finally:
+                self._uploading -= 1
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, OSError) as err:
+            self._count("upload_failures")
+            log.info("upload to %s failed: %s", getattr(info, "peer_id", "?"), type(err).__name__)
+        finally:
+            self._tasks.discard(task)
+            if ok:
+                writer.close()
+            else:
+                writer.transport.abort()  # do not wait to flush to a client that stopped reading
+
+    async def _read_request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str | None:
+        if self._handshaking >= MAX_HANDSHAKES:
+            self._count("uploads_refused")
+            await self._reply(writer, BUSY)
+            return None
+        self._handshaking += 1
+        try:
+            request = await asyncio.wait_for(reader.readexactly(REQUEST_LEN), self.request_timeout)
+        finally:
+            self._handshaking -= 1
+        digest = request[len(REQUEST_PREFIX):].decode("ascii", "replace")
+        if not request.startswith(REQUEST_PREFIX) or not _DIGEST_RE.fullmatch(digest):
+            self._count("bad_requests")
+            await self._reply(writer, BAD_REQUEST)
+            return None
+        return digest
+
+    async def _reply(self, writer: asyncio.StreamWriter, status: bytes) -> None:
+        writer.write(status)
+        await asyncio.wait_for(writer.drain(), self.upload_stall_timeout)
+
+    async def _send(self, blob: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(OK + len(blob).to_bytes(8, "big"))
+        view = memoryview(blob)
+        for offset in range(0, len(blob), self.chunk_size):
+            chunk = view[offset: offset + self.chunk_size]
+            await self.upload_bucket.aconsume(len(chunk))
+            writer.write(chunk)
+            await asyncio.wait_for(writer.drain(), self.upload_stall_timeout)
+            self._count("bytes_out", len(chunk))
+        await asyncio.wait_for(writer.drain(), self.upload_stall_timeout)
+
+    # ---- fetching ---------------------------------------------------------------------------------
+    def fetch(self, peer_id: str, digest: str, expected_size: int, *, max_bytes: int, timeout: float = 60.0) -> bytes:
+        """Fetch the blob `digest` of `expected_size` bytes from `peer_id`; TransferError (a SwarmError) on
+        any failure. The whole call is bounded by `timeout` (download rate limit included)."""
+        try:
+            self._check_args(peer_id, digest, expected_size, max_bytes, timeout)
+            peer = PeerID.from_base58(peer_id)
+            blob = self._loop.run(self._fetch_bounded(peer, digest, expected_size, timeout),
+                                  timeout=timeout + 5.0, what=f"fetching {digest[:12]} from {peer_id}")
+        except SwarmError:
+            self._count("fetch_failures")
+            raise
+        except Exception as err:  # e.g. an unparsable peer id: still a typed error for the caller
+            self._count("fetch_failures")
+            raise TransferError(f"fetch from {peer_id!r} failed: {type(err).__name__}: {err}") from err
+        self._count("fetches_ok")
+        return blob
+
+    def _check_args(self, peer_id: str, digest: str, expected_size: int, max_bytes: int, timeout: float) -> None:
+        if self._closed:
+            raise TransferError("transfer is closed")
+        if not isinstance(digest, str) or not _DIGEST_RE.fullmatch(digest):
+            raise TransferError(f"digest {digest!r:.80} is not 64 lowercase hex chars")
+        if type(expected_size) is not int or expected_size <= 0:
+            raise TransferError(f"expected_size must be a positive int, got {expected_size!r}")
+        if expected_size > max_bytes:
+            raise BlobTooLarge(f"blob {digest[:12]} from {peer_id} is announced as {expected_size} bytes, "
+                               f"over the limit of {max_bytes}")
+        if not timeout > 0:
+            raise TransferError(f"timeout must be > 0, got {timeout}")
+
+    async def _fetch_bounded(self, peer: PeerID, digest: str, size: int, timeout: float) -> bytes:
+        try:
+            return await asyncio.wait_for(self._fetch(peer, digest, size), timeout)
+        except asyncio.TimeoutError:
+            raise TransferTimeout(f"fetching {digest[:12]} from {peer} took longer than {timeout:.1f} s") from None
+
+    async def _fetch(self, peer: PeerID, digest: str, size: int) -> bytes:
+        try:
+            _, reader, writer = await self._p2p.call_binary_stream_handler(peer, self.name)
+        except Exception as err:  # noqa: BLE001 - p2pd reports unreachable peers in several ways
+            raise TransferError(f"cannot open a blob stream to {peer}: {type(err).__name__}: {err}") from err
+        try:
+            writer.write(REQUEST_PREFIX + digest.encode("ascii"))
+            await writer.drain()
+            return await self._receive(reader, peer, digest, size)
+        except asyncio.IncompleteReadError as err:
+            raise TransferError(f"{peer} closed the stream early ({len(err.partial)} header bytes)") from None
+        except (ConnectionError, OSError) as err:
+            raise TransferError(f"stream from {peer} broke: {type(err).__name__}: {err}") from None
+        finally:
+            writer.transport.abort()
+
+    async def _receive(self, reader: asyncio.StreamReader, peer: PeerID, digest: str, size: int) -> bytes:
+        status = await reader.readexactly(1)
+        if status != OK:
+            cls = {NOT_FOUND: BlobNotServed, BUSY: PeerBusy}.get(status, TransferError)
+            raise cls(f"peer {peer} {_STATUS_TEXT.get(status, 'sent an unknown status for')} blob {digest[:12]}")
+        announced = int.from_bytes(await reader.readexactly(8), "big")
+        if announced != size:
+            raise BlobMismatch(f"peer {peer} is sending {announced} bytes for blob {digest[:12]}; "
+                               f"its record says {size}")
+        buf = bytearray(size)
+        view = memoryview(buf)
+        sha = hashlib.sha256()
+        got = 0
+        while got < size:
+            chunk = await reader.read(min(self.chunk_size, size - got))
+            if not chunk:
+                raise BlobMismatch(f"peer {peer} sent {got} of the {size} bytes of blob {digest[:12]}")
+            self._count("bytes_in", len(chunk))
+            await self.download_bucket.aconsume(len(chunk))
+            view[got: got + len(chunk)] = chunk
+            sha.update(chunk)
+            got += len(chunk)
+        if await reader.read(1):
+            raise BlobMismatch(f"peer {peer} sent more than the {size} bytes of blob {digest[:12]}")
+        if sha.hexdigest() != digest:
+            raise BlobMismatch(f"blob from {peer} has sha256 {sha.hexdigest()[:12]}, not {digest[:12]}")
+        return bytes(buf)
+
+    # ---- misc -------------------------------------------------------------------------------------
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._stats_lock:
+            self.stats[key] += n
+
+    def close(self) -> None:
+        """Stop serving (running uploads are cancelled). Idempotent; the Membership stays up."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._blobs_lock:
+            self._blobs.clear()
+        with contextlib.suppress(Exception):  # best effort: the daemon may already be gone
+            self._loop.run(self._close(), timeout=10.0, what="closing the blob handler")
+
+    async def _close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._p2p.remove_binary_stream_handler(self.name)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,227 @@
+"""Blob transfer between real hivemind peers on 127.0.0.1: round trip, every refusal, stalls, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+from collections.abc import Iterator
+
+import pytest
+from hivemind.p2p import P2P, PeerID
+
+from p2pcod.errors import SwarmError
+from p2pcod.swarm.aio import LoopThread
+from p2pcod.swarm.dht import Membership
+from p2pcod.swarm.transfer import (
+    OK,
+    REQUEST_LEN,
+    REQUEST_PREFIX,
+    BlobMismatch,
+    BlobNotServed,
+    BlobTooLarge,
+    PeerBusy,
+    TokenBucket,
+    Transfer,
+    TransferTimeout,
+    protocol_name,
+)
+
+LOCAL = ["/ip4/127.0.0.1/tcp/0"]
+SWARM = "t-xfer"
+MB = 1 << 20
+
+
+class Pair:
+    def __init__(self, tmp: os.PathLike) -> None:
+        self.a = Membership(SWARM, identity_dir=f"{tmp}/a", host_maddrs=LOCAL)
+        self.b = Membership(SWARM, identity_dir=f"{tmp}/b", host_maddrs=LOCAL, initial_peers=self.a.visible_maddrs())
+        self.ta = Transfer(self.a, max_concurrent_uploads=2)
+        self.tb = Transfer(self.b)
+        self.blob = os.urandom(3 * MB + 17)
+        self.digest = hashlib.sha256(self.blob).hexdigest()
+        self.ta.publish(self.blob, self.digest)
+
+    def close(self) -> None:
+        for t in (self.ta, self.tb):
+            t.close()
+        self.a.shutdown()
+        self.b.shutdown()
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> Iterator[Pair]:
+    p = None
+    try:
+        p = Pair(tmp_path_factory.mktemp("xfer"))
+        yield p
+    finally:
+        if p is not None:
+            p.close()
+
+
+class RawPeer:
+    """A peer written directly on hivemind's P2P (no p2pcod checks): a misbehaving server or client."""
+
+    def __init__(self, connect_to: Membership) -> None:
+        self.loop = LoopThread("raw-peer")
+        self.p2p: P2P = self.loop.run(P2P.create(initial_peers=connect_to.visible_maddrs(), host_maddrs=LOCAL), 30)
+        self.peer_id = self.p2p.peer_id.to_base58()
+        self.mode = "stall"
+        self.payload = b""
+        self.loop.run(self.p2p.add_binary_stream_handler(protocol_name(SWARM), self._serve), 10)
+
+    async def _serve(self, info, reader, writer) -> None:
+        try:
+            await reader.readexactly(REQUEST_LEN)
+            if self.mode == "stall":
+                await asyncio.sleep(3600)
+            size = len(self.payload) - (1 if self.mode == "extra" else 0)
+            writer.write(OK + size.to_bytes(8, "big") + self.payload)
+            await writer.drain()
+        finally:
+            writer.close()
+
+    def open_and_ignore(self, peer_id: str, digest: str) -> asyncio.StreamWriter:
+        """Request a blob, then never read the answer (a client that stops reading)."""
+
+        async def go():
+            _, _, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), protocol_name(SWARM))
+            writer.write(REQUEST_PREFIX + digest.encode())
+            await writer.drain()
+            return writer
+
+        return self.loop.run(go(), 10)
+
+    def close(self) -> None:
+        try:
+            self.loop.run(self.p2p.shutdown(), 10)
+        finally:
+            self.loop.stop()
+
+
+@pytest.fixture
+def raw(pair) -> Iterator[RawPeer]:
+    r = RawPeer(pair.b)
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+def test_round_trip_counts_bytes(pair):
+    in0, out0 = pair.tb.stats["bytes_in"], pair.ta.stats["bytes_out"]
+    got = pair.tb.fetch(pair.a.peer_id, pair.digest, len(pair.blob), max_bytes=10 * MB)
+    assert got == pair.blob
+    assert pair.tb.stats["bytes_in"] - in0 == len(pair.blob)
+    assert pair.ta.stats["bytes_out"] - out0 == len(pair.blob)
+    assert pair.tb.stats["fetches_ok"] >= 1
+
+
+def test_refusals_are_typed(pair):
+    fails = pair.tb.stats["fetch_failures"]
+    other = hashlib.sha256(b"not served").hexdigest()
+    with pytest.raises(BlobNotServed):
+        pair.tb.fetch(pair.a.peer_id, other, len(pair.blob), max_bytes=10 * MB)
+    for size in (len(pair.blob) - 1, len(pair.blob) + 1):  # the record's size is wrong: stop at the header
+        in0 = pair.tb.stats["bytes_in"]
+        with pytest.raises(BlobMismatch, match="record says"):
+            pair.tb.fetch(pair.a.peer_id, pair.digest, size, max_bytes=10 * MB)
+        assert pair.tb.stats["bytes_in"] == in0
+    served0 = pair.ta.stats["not_found"] + pair.ta.stats["uploads"] + pair.ta.stats["upload_failures"]
+    with pytest.raises(BlobTooLarge, match="over the limit"):  # refused before connecting
+        pair.tb.fetch(pair.a.peer_id, pair.digest, len(pair.blob), max_bytes=len(pair.blob) - 1)
+    assert pair.ta.stats["not_found"] + pair.ta.stats["uploads"] + pair.ta.stats["upload_failures"] == served0
+    with pytest.raises(SwarmError):
+        pair.tb.fetch("not-a-peer-id", pair.digest, len(pair.blob), max_bytes=10 * MB)
+    with pytest.raises(SwarmError, match="digest"):
+        pair.tb.fetch(pair.a.peer_id, "XYZ", len(pair.blob), max_bytes=10 * MB)
+    assert pair.tb.stats["fetch_failures"] == fails + 6
+    with pytest.raises(SwarmError, match="sha256"):
+        pair.ta.publish(pair.blob, other)
+
+
+def test_previous_blob_served_until_replaced(pair):
+    blobs = [os.urandom(1000 + i) for i in range(3)]
+    digests = [hashlib.sha256(b).hexdigest() for b in blobs]
+    for b, d in zip(blobs, digests, strict=True):
+        pair.ta.publish(b, d)
+    try:
+        assert pair.tb.fetch(pair.a.peer_id, digests[1], 1001, max_bytes=MB) == blobs[1]
+        assert pair.tb.fetch(pair.a.peer_id, digests[2], 1002, max_bytes=MB) == blobs[2]
+        with pytest.raises(BlobNotServed):
+            pair.tb.fetch(pair.a.peer_id, digests[0], 1000, max_bytes=MB)
+    finally:
+        pair.ta.publish(pair.blob, pair.digest)
+
+
+def test_hostile_server_stall_garbage_extra(pair, raw):
+    raw.mode = "stall"
+    t0 = time.monotonic()
+    with pytest.raises(TransferTimeout):
+        pair.tb.fetch(raw.peer_id, pair.digest, len(pair.blob), max_bytes=10 * MB, timeout=1.5)
+    assert 1.4 < time.monotonic() - t0 < 5.0
+
+    raw.mode, raw.payload = "garbage", os.urandom(len(pair.blob))
+    with pytest.raises(BlobMismatch, match="sha256"):
+        pair.tb.fetch(raw.peer_id, pair.digest, len(pair.blob), max_bytes=10 * MB, timeout=10)
+
+    raw.mode, raw.payload = "extra", pair.blob + b"!"  # the header says the right size, the stream says more
+    with pytest.raises(BlobMismatch, match="more than"):
+        pair.tb.fetch(raw.peer_id, pair.digest, len(pair.blob), max_bytes=10 * MB, timeout=10)
+
+    raw.mode, raw.payload = "short", pair.blob[:1000]  # the header lies the other way
+    with pytest.raises(BlobMismatch, match="record says"):
+        pair.tb.fetch(raw.peer_id, pair.digest, len(pair.blob), max_bytes=10 * MB, timeout=10)
+
+
+def test_download_rate_limit(pair):
+    pair.tb.download_bucket = TokenBucket(2e6)  # 2 MB/s on a 4 MiB blob: at least ~1.6 s
+    blob = os.urandom(4 * MB)
+    digest = hashlib.sha256(blob).hexdigest()
+    pair.ta.publish(blob, digest)
+    try:
+        t0 = time.monotonic()
+        assert pair.tb.fetch(pair.a.peer_id, digest, len(blob), max_bytes=10 * MB, timeout=30) == blob
+        assert time.monotonic() - t0 >= 1.6
+    finally:
+        pair.tb.download_bucket = TokenBucket(None)
+        pair.ta.publish(pair.blob, pair.digest)
+
+
+def test_upload_slots_bounded_and_freed(pair, raw):
+    """Clients that request and never read hold at most max_concurrent_uploads slots, and not forever."""
+    pair.ta.upload_bucket = TokenBucket(100_000)  # slow uploads: the slots stay busy
+    pair.ta.upload_timeout = 2.0
+    failures0 = pair.ta.stats["upload_failures"]
+    try:
+        t_hogs = time.monotonic()
+        hogs = [raw.open_and_ignore(pair.a.peer_id, pair.digest) for _ in range(2)]
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        with pytest.raises(PeerBusy):
+            pair.tb.fetch(pair.a.peer_id, pair.digest, len(pair.blob), max_bytes=10 * MB, timeout=5)
+        assert time.monotonic() - t0 < 1.5  # refused quickly, not queued
+        assert pair.ta.stats["uploads_refused"] >= 1
+        # the hogs' uploads are cut off after upload_timeout, which frees their slots
+        deadline = time.monotonic() + 6
+        while pair.ta.stats["upload_failures"] < failures0 + 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert pair.ta.stats["upload_failures"] == failures0 + 2
+        assert time.monotonic() - t_hogs > 1.5
+        pair.ta.upload_bucket = TokenBucket(None)
+        assert pair.tb.fetch(pair.a.peer_id, pair.digest, len(pair.blob), max_bytes=10 * MB) == pair.blob
+        del hogs
+    finally:
+        pair.ta.upload_bucket = TokenBucket(None)
+        pair.ta.upload_timeout = 600.0
+
+
+def test_token_bucket_arithmetic():
+    bucket = TokenBucket(1000.0, burst=500)
+    assert bucket.reserve(500) == 0.0  # the burst is there at once
+    assert bucket.reserve(1000) == pytest.approx(1.0, abs=0.05)  # then the rate: debt / rate
+    assert TokenBucket(None).reserve(10**12) == 0.0 and TokenBucket(0).unlimited
+    with pytest.raises(ValueError):
+        TokenBucket(-1)
