@@ -1,4 +1,4 @@
-"""Swarm membership on real hivemind DHT nodes (127.0.0.1 only): records, expiry, restarts, hostile writers."""
+"""Swarm membership on real hivemind DHT nodes (127.0.0.1 only): records, expiry, restarts, attacks."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hivemind.dht.validation import DHTRecord
 from hivemind.utils import MSGPackSerializer, get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
-from p2pcod.errors import ConfigError, RecordError
+from p2pcod.errors import ConfigError, RecordError, SwarmError
 from p2pcod.swarm.dht import Membership, PeerRecordValidator, check_entry, peer_id_of_owner, peers_key
 from p2pcod.swarm.records import PeerRecord, parse_wire, tombstone_wire
 
@@ -22,9 +22,18 @@ SWARM = "t-swarm"
 
 
 def make_record(m: Membership | str, name: str, step: int = 0, **kw) -> PeerRecord:
-    fields = dict(name=name, peer_id=m if isinstance(m, str) else m.peer_id, step=step, digest="", size=0,
-                  codec="p2pcod-int8/1", task="lm", model_cfg={"layers": 2, "width": [8, 16], "act": "gelu"},
-                  fingerprint="ab" * 32, time=time.time())
+    fields = dict(
+        name=name,
+        peer_id=m if isinstance(m, str) else m.peer_id,
+        step=step,
+        digest="",
+        size=0,
+        codec="p2pcod-int8/1",
+        task="lm",
+        model_cfg={"layers": 2, "width": [8, 16], "act": "gelu"},
+        fingerprint="ab" * 32,
+        time=time.time(),
+    )
     fields.update(kw)
     return PeerRecord(**fields)
 
@@ -48,8 +57,13 @@ def nodes(tmp_path) -> Iterator[Callable[..., Membership]]:
     made: list[Membership] = []
 
     def make(name: str, *, via: Membership | None = None, ttl: float = 30.0) -> Membership:
-        m = Membership(SWARM, identity_dir=tmp_path / name, host_maddrs=LOCAL, ttl=ttl,
-                       initial_peers=via.visible_maddrs() if via else ())
+        m = Membership(
+            SWARM,
+            identity_dir=tmp_path / name,
+            host_maddrs=LOCAL,
+            ttl=ttl,
+            initial_peers=via.visible_maddrs() if via else (),
+        )
         made.append(m)
         return m
 
@@ -62,12 +76,20 @@ def nodes(tmp_path) -> Iterator[Callable[..., Membership]]:
 
 # ---- records (pure) -------------------------------------------------------------------------------
 def test_record_round_trip_and_typed_rejections():
-    rec = make_record("QmStxopftxCy9zc5gbbkLPFvjVqX74JHPp9R2CwEWq5pU9", "alice", 7, digest="0f" * 32, size=123)
+    rec = make_record(
+        "QmStxopftxCy9zc5gbbkLPFvjVqX74JHPp9R2CwEWq5pU9", "alice", 7, digest="0f" * 32, size=123
+    )
     back = PeerRecord.from_wire(MSGPackSerializer.loads(MSGPackSerializer.dumps(rec.to_wire())))
     assert back == rec
     bad = {
-        "name": "a b", "step": -1, "digest": "XYZ", "size": "5", "time": float("nan"),
-        "model_cfg": {"x": object()}, "task": "", "peer_id": "0OIl",
+        "name": "a b",
+        "step": -1,
+        "digest": "XYZ",
+        "size": "5",
+        "time": float("nan"),
+        "model_cfg": {"x": object()},
+        "task": "",
+        "peer_id": "0OIl",
     }
     for field, value in bad.items():
         wire = rec.to_wire() | {field: value}
@@ -93,7 +115,9 @@ def test_validator_binds_record_to_signer_and_schema():
     key_id = DHTID.generate(source=peers_key(SWARM)).to_bytes()
 
     def ok(value, sub=subkey, key_bytes=key_id) -> bool:
-        record = DHTRecord(key_bytes, MSGPackSerializer.dumps(sub), MSGPackSerializer.dumps(value), get_dht_time())
+        record = DHTRecord(
+            key_bytes, MSGPackSerializer.dumps(sub), MSGPackSerializer.dumps(value), get_dht_time()
+        )
         return validator.validate(record)
 
     assert ok(make_record(me, "me").to_wire())
@@ -145,8 +169,12 @@ def test_restart_keeps_peer_id_and_overwrites_own_record(nodes, tmp_path):
     b2 = nodes("b", via=a)
     assert b2.peer_id == first_id
     assert b2.announce(make_record(b2, "bob", 2))  # a lower step, but a newer announce: it wins
-    assert wait_for(lambda: [(r.name, r.step) for r in a.members()] == [("bob", 2)] or
-                    sorted((r.name, r.step) for r in a.members()) == [("bob", 2)])
+    assert wait_for(
+        lambda: (
+            [(r.name, r.step) for r in a.members()] == [("bob", 2)]
+            or sorted((r.name, r.step) for r in a.members()) == [("bob", 2)]
+        )
+    )
     assert [r.peer_id for r in a.members() if r.name == "bob"] == [first_id]
 
 
@@ -157,8 +185,9 @@ def test_hostile_writer_cannot_overwrite_or_inject(nodes):
     assert b.announce(make_record(b, "bob", 4))
     key = peers_key(SWARM)
     attacker_key = RSASignatureValidator(RSAPrivateKey())
-    evil = hivemind.DHT(initial_peers=a.visible_maddrs(), start=True, host_maddrs=LOCAL,
-                        record_validators=[attacker_key])
+    evil = hivemind.DHT(
+        initial_peers=a.visible_maddrs(), start=True, host_maddrs=LOCAL, record_validators=[attacker_key]
+    )
     try:
         found = evil.get(key, latest=True)
         victim_subkey = next(s for s, v in found.value.items() if v.value.get("name") == "alice")
@@ -193,4 +222,16 @@ def test_bootstrap_peer_is_not_special(nodes):
     a.shutdown()
     assert b.announce(make_record(b, "b", 2)) and c.announce(make_record(c, "c", 2))
     for m in (b, c):
-        assert wait_for(lambda m=m: {k: v for k, v in steps_by_name(m).items() if k != "a"} == {"b": 2, "c": 2})
+        assert wait_for(
+            lambda m=m: {k: v for k, v in steps_by_name(m).items() if k != "a"} == {"b": 2, "c": 2}
+        )
+
+
+def test_unreachable_initial_peers_is_a_swarm_error_naming_them(tmp_path):
+    dead = "/ip4/127.0.0.1/tcp/9/p2p/QmStxopftxCy9zc5gbbkLPFvjVqX74JHPp9R2CwEWq5pU9"
+    t0 = time.monotonic()
+    with pytest.raises(SwarmError, match="tcp/9"):
+        Membership(
+            SWARM, identity_dir=tmp_path / "x", host_maddrs=LOCAL, initial_peers=[dead], start_timeout=20
+        )
+    assert time.monotonic() - t0 < 25

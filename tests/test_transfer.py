@@ -36,7 +36,9 @@ MB = 1 << 20
 class Pair:
     def __init__(self, tmp: os.PathLike) -> None:
         self.a = Membership(SWARM, identity_dir=f"{tmp}/a", host_maddrs=LOCAL)
-        self.b = Membership(SWARM, identity_dir=f"{tmp}/b", host_maddrs=LOCAL, initial_peers=self.a.visible_maddrs())
+        self.b = Membership(
+            SWARM, identity_dir=f"{tmp}/b", host_maddrs=LOCAL, initial_peers=self.a.visible_maddrs()
+        )
         self.ta = Transfer(self.a, max_concurrent_uploads=2)
         self.tb = Transfer(self.b)
         self.blob = os.urandom(3 * MB + 17)
@@ -66,7 +68,9 @@ class RawPeer:
 
     def __init__(self, connect_to: Membership) -> None:
         self.loop = LoopThread("raw-peer")
-        self.p2p: P2P = self.loop.run(P2P.create(initial_peers=connect_to.visible_maddrs(), host_maddrs=LOCAL), 30)
+        self.p2p: P2P = self.loop.run(
+            P2P.create(initial_peers=connect_to.visible_maddrs(), host_maddrs=LOCAL), 30
+        )
         self.peer_id = self.p2p.peer_id.to_base58()
         self.mode = "stall"
         self.payload = b""
@@ -87,7 +91,9 @@ class RawPeer:
         """Request a blob, then never read the answer (a client that stops reading)."""
 
         async def go():
-            _, _, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), protocol_name(SWARM))
+            _, _, writer = await self.p2p.call_binary_stream_handler(
+                PeerID.from_base58(peer_id), protocol_name(SWARM)
+            )
             writer.write(REQUEST_PREFIX + digest.encode())
             await writer.drain()
             return writer

@@ -34,7 +34,7 @@ class LoopThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None, what: str = "operation") -> T:
-        """Run `coro` on the loop and wait for it; SwarmError (and the coroutine cancelled) after `timeout`."""
+        """Run `coro` on the loop and wait; after `timeout` it is cancelled and SwarmError raised."""
         if threading.current_thread() is self._thread:
             coro.close()
             raise RuntimeError("LoopThread.run called from its own loop thread (would deadlock)")

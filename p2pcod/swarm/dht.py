@@ -18,6 +18,7 @@ import hashlib
 import logging
 import os
 import re
+import socket
 import threading
 import weakref
 from collections.abc import Sequence
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 IDENTITY_FILE = "p2p.key"  # libp2p identity (protobuf RSA private key), also the record-signing key
 _SWARM_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _OWNER_RE = re.compile(re.escape(b"[owner:") + rb"(ssh-rsa [A-Za-z0-9+/=]{16,4096})" + re.escape(b"]"))
+_HIVEMIND_SOCKETS = Path("/tmp/hivemind-p2pd-*.sock")  # where hivemind 1.1.x puts p2pd's control socket
 _CALL_TIMEOUT = 30.0  # bound on one DHT get/store issued from here
 
 
@@ -134,8 +136,13 @@ class Membership:
         self.swarm = swarm
         self.key = peers_key(swarm)
         self.ttl = float(ttl)
-        self.stats: dict[str, int] = {"announces": 0, "announce_failures": 0, "gets": 0, "invalid": 0,
-                                      "tombstones": 0}
+        self.stats: dict[str, int] = {
+            "announces": 0,
+            "announce_failures": 0,
+            "gets": 0,
+            "invalid": 0,
+            "tombstones": 0,
+        }
         self._warned: set[bytes] = set()
         self._lock = threading.Lock()  # hivemind's DHT pipe is not safe for concurrent senders
         self._p2p: P2P | None = None
@@ -144,7 +151,9 @@ class Membership:
         signer = RSASignatureValidator(private_key)
         self._subkey = signer.local_public_key
         self.peer_id = peer_id_of_owner(self._subkey)
-        self.dht = self._start_dht(initial_peers, host_maddrs, announce_maddrs, identity_path, signer, start_timeout)
+        self.dht = self._start_dht(
+            initial_peers, host_maddrs, announce_maddrs, identity_path, signer, start_timeout
+        )
         self.loop = LoopThread(f"p2pcod-swarm-{swarm}")
         self._finalizer = weakref.finalize(self, _shutdown, self.dht, self.loop, [None])
         actual = self.dht.peer_id.to_base58()
@@ -154,17 +163,24 @@ class Membership:
 
     def _start_dht(self, initial_peers, host_maddrs, announce_maddrs, identity_path, signer, timeout):
         dht = hivemind.DHT(
-            initial_peers=list(initial_peers) or None, start=False, host_maddrs=list(host_maddrs),
-            announce_maddrs=list(announce_maddrs) or None, identity_path=str(identity_path),
+            initial_peers=list(initial_peers) or None,
+            start=False,
+            host_maddrs=list(host_maddrs),
+            announce_maddrs=list(announce_maddrs) or None,
+            identity_path=str(identity_path),
             record_validators=[signer, PeerRecordValidator(self.swarm)],
         )
+        sockets_before = set(_HIVEMIND_SOCKETS.parent.glob(_HIVEMIND_SOCKETS.name))
         try:
             dht.run_in_background(await_ready=True, timeout=timeout)
         except BaseException as err:
             _stop_dht(dht)
+            _remove_dead_sockets(sockets_before)
             where = ", ".join(initial_peers) if initial_peers else "(no initial peers)"
-            raise SwarmError(f"could not start the DHT node of swarm {self.swarm!r} joining through {where}: "
-                             f"{type(err).__name__}: {err}") from err
+            raise SwarmError(
+                f"could not start the DHT node of swarm {self.swarm!r} joining through {where}: "
+                f"{type(err).__name__}: {err}"
+            ) from err
         return dht
 
     # ---- records ----------------------------------------------------------------------------------
@@ -214,7 +230,9 @@ class Membership:
         tag = hashlib.sha256(repr(subkey).encode()).digest()[:8]
         if tag not in self._warned and len(self._warned) < 10_000:
             self._warned.add(tag)
-            log.warning("dropping an invalid peer record in swarm %s (subkey %s): %s", self.swarm, tag.hex(), err)
+            log.warning(
+                "dropping an invalid peer record in swarm %s (subkey %s): %s", self.swarm, tag.hex(), err
+            )
 
     # ---- plumbing ---------------------------------------------------------------------------------
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
@@ -240,7 +258,9 @@ class Membership:
                 if self._closed:
                     raise SwarmError(f"membership of swarm {self.swarm!r} is shut down")
                 maddr = self.dht.run_coroutine(hivemind.DHT._get_p2p_daemon_listen_maddr)
-                self._p2p = self.loop.run(P2P.replicate(maddr), timeout=_CALL_TIMEOUT, what="connecting to p2pd")
+                self._p2p = self.loop.run(
+                    P2P.replicate(maddr), timeout=_CALL_TIMEOUT, what="connecting to p2pd"
+                )
                 self._finalizer.detach()
                 self._finalizer = weakref.finalize(self, _shutdown, self.dht, self.loop, [self._p2p])
             return self._p2p
@@ -265,6 +285,20 @@ def _shutdown(dht: hivemind.DHT, loop: LoopThread, p2p_box: list) -> None:
             loop.run(p2p.shutdown(), timeout=5.0, what="closing the p2p handle")
     loop.stop()
     _stop_dht(dht)
+
+
+def _remove_dead_sockets(before: set[Path]) -> None:
+    """A p2pd that fails to start (e.g. no bootstrap peer answered) leaves its socket file behind: remove
+    the ones that appeared since `before` and that nothing listens on (other processes' live ones stay)."""
+    for path in set(_HIVEMIND_SOCKETS.parent.glob(_HIVEMIND_SOCKETS.name)) - before:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(str(path))
+                continue  # alive: not ours to touch
+            except OSError:
+                pass
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def _stop_dht(dht: hivemind.DHT) -> None:

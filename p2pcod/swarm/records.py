@@ -51,13 +51,19 @@ class PeerRecord:
             _check_str("digest", self.digest, _DIGEST_RE, "64 lowercase hex chars or empty")
         _check_int("size", self.size, 0, MAX_BLOB_SIZE)
         if (self.digest == "") != (self.size == 0):
-            raise RecordError(f"record field 'size' is {self.size} but 'digest' is {self.digest!r}: "
-                              "both empty (nothing served) or both set")
+            raise RecordError(
+                f"record field 'size' is {self.size} but 'digest' is {self.digest!r}: "
+                "both empty (nothing served) or both set"
+            )
         _check_str("codec", self.codec, _CODEC_RE)
         _check_str("task", self.task, _NAME_RE)
         _check_str("fingerprint", self.fingerprint, _HEX_RE, "lowercase hex, at most 128 chars")
-        if isinstance(self.time, bool) or not isinstance(self.time, (int, float)) or not math.isfinite(self.time) \
-                or self.time < 0:
+        if (
+            isinstance(self.time, bool)
+            or not isinstance(self.time, (int, float))
+            or not math.isfinite(self.time)
+            or self.time < 0
+        ):
             raise RecordError(f"record field 'time' must be a finite number >= 0, got {self.time!r}")
         object.__setattr__(self, "time", float(self.time))
         if not isinstance(self.model_cfg, dict):
@@ -156,7 +162,9 @@ def _check_cfg(value: Any, path: str, depth: int, count: list[int]) -> Any:
         out = {}
         for k, v in value.items():
             if not isinstance(k, str) or not 1 <= len(k) <= 64:
-                raise RecordError(f"record field {path} has a key {repr(k)[:40]}: keys must be str, 1..64 chars")
+                raise RecordError(
+                    f"record field {path} has a key {repr(k)[:40]}: keys must be str, 1..64 chars"
+                )
             out[k] = _check_cfg(v, f"{path}.{k}", depth + 1, count)
         return out
     raise RecordError(f"record field {path} has a value of type {type(value).__name__}")

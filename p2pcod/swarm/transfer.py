@@ -31,8 +31,11 @@ log = logging.getLogger(__name__)
 REQUEST_PREFIX = b"P2PCOD-GET1 "
 REQUEST_LEN = len(REQUEST_PREFIX) + 64
 OK, NOT_FOUND, BUSY, BAD_REQUEST = b"\x00", b"\x01", b"\x02", b"\x03"
-_STATUS_TEXT = {NOT_FOUND: "does not serve", BUSY: "is busy (too many uploads) and refused", BAD_REQUEST:
-                "rejected our request for"}
+_STATUS_TEXT = {
+    NOT_FOUND: "does not serve",
+    BUSY: "is busy (too many uploads) and refused",
+    BAD_REQUEST: "rejected our request for",
+}
 _DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 MAX_HANDSHAKES = 64  # connections still sending their request; more are refused at once
 
@@ -135,8 +138,19 @@ class Transfer:
         self.upload_bucket = TokenBucket(upload_rate)
         self.download_bucket = TokenBucket(download_rate)
         self.stats: dict[str, int] = dict.fromkeys(
-            ("bytes_in", "bytes_out", "fetches_ok", "fetch_failures", "uploads", "upload_failures",
-             "uploads_refused", "not_found", "bad_requests"), 0)
+            (
+                "bytes_in",
+                "bytes_out",
+                "fetches_ok",
+                "fetch_failures",
+                "uploads",
+                "upload_failures",
+                "uploads_refused",
+                "not_found",
+                "bad_requests",
+            ),
+            0,
+        )
         self._stats_lock = threading.Lock()
         self._blobs: OrderedDict[str, bytes] = OrderedDict()  # digest -> blob; the newest last, at most 2
         self._blobs_lock = threading.Lock()
@@ -146,15 +160,20 @@ class Transfer:
         self._closed = False
         self._loop = membership.loop
         self._p2p = membership.p2p()
-        self._loop.run(self._p2p.add_binary_stream_handler(self.name, self._handle), timeout=30.0,
-                       what="registering the blob handler")
+        self._loop.run(
+            self._p2p.add_binary_stream_handler(self.name, self._handle),
+            timeout=30.0,
+            what="registering the blob handler",
+        )
 
     # ---- serving ----------------------------------------------------------------------------------
     def publish(self, blob: bytes, digest: str) -> None:
         """Serve `blob` from now on (and keep serving the previous one: records lag a little)."""
         blob = bytes(blob)
         if hashlib.sha256(blob).hexdigest() != digest:
-            raise SwarmError(f"publish: digest {digest[:16]}... is not the sha256 of the {len(blob)}-byte blob")
+            raise SwarmError(
+                f"publish: digest {digest[:16]}... is not the sha256 of the {len(blob)}-byte blob"
+            )
         with self._blobs_lock:
             self._blobs.pop(digest, None)
             self._blobs[digest] = blob
@@ -212,7 +231,7 @@ class Transfer:
             request = await asyncio.wait_for(reader.readexactly(REQUEST_LEN), self.request_timeout)
         finally:
             self._handshaking -= 1
-        digest = request[len(REQUEST_PREFIX):].decode("ascii", "replace")
+        digest = request[len(REQUEST_PREFIX) :].decode("ascii", "replace")
         if not request.startswith(REQUEST_PREFIX) or not _DIGEST_RE.fullmatch(digest):
             self._count("bad_requests")
             await self._reply(writer, BAD_REQUEST)
@@ -227,7 +246,7 @@ class Transfer:
         writer.write(OK + len(blob).to_bytes(8, "big"))
         view = memoryview(blob)
         for offset in range(0, len(blob), self.chunk_size):
-            chunk = view[offset: offset + self.chunk_size]
+            chunk = view[offset : offset + self.chunk_size]
             await self.upload_bucket.aconsume(len(chunk))
             writer.write(chunk)
             await asyncio.wait_for(writer.drain(), self.upload_stall_timeout)
@@ -235,14 +254,19 @@ class Transfer:
         await asyncio.wait_for(writer.drain(), self.upload_stall_timeout)
 
     # ---- fetching ---------------------------------------------------------------------------------
-    def fetch(self, peer_id: str, digest: str, expected_size: int, *, max_bytes: int, timeout: float = 60.0) -> bytes:
+    def fetch(
+        self, peer_id: str, digest: str, expected_size: int, *, max_bytes: int, timeout: float = 60.0
+    ) -> bytes:
         """Fetch the blob `digest` of `expected_size` bytes from `peer_id`; TransferError (a SwarmError) on
         any failure. The whole call is bounded by `timeout` (download rate limit included)."""
         try:
             self._check_args(peer_id, digest, expected_size, max_bytes, timeout)
             peer = PeerID.from_base58(peer_id)
-            blob = self._loop.run(self._fetch_bounded(peer, digest, expected_size, timeout),
-                                  timeout=timeout + 5.0, what=f"fetching {digest[:12]} from {peer_id}")
+            blob = self._loop.run(
+                self._fetch_bounded(peer, digest, expected_size, timeout),
+                timeout=timeout + 5.0,
+                what=f"fetching {digest[:12]} from {peer_id}",
+            )
         except SwarmError:
             self._count("fetch_failures")
             raise
@@ -252,7 +276,9 @@ class Transfer:
         self._count("fetches_ok")
         return blob
 
-    def _check_args(self, peer_id: str, digest: str, expected_size: int, max_bytes: int, timeout: float) -> None:
+    def _check_args(
+        self, peer_id: str, digest: str, expected_size: int, max_bytes: int, timeout: float
+    ) -> None:
         if self._closed:
             raise TransferError("transfer is closed")
         if not isinstance(digest, str) or not _DIGEST_RE.fullmatch(digest):
@@ -260,8 +286,10 @@ class Transfer:
         if type(expected_size) is not int or expected_size <= 0:
             raise TransferError(f"expected_size must be a positive int, got {expected_size!r}")
         if expected_size > max_bytes:
-            raise BlobTooLarge(f"blob {digest[:12]} from {peer_id} is announced as {expected_size} bytes, "
-                               f"over the limit of {max_bytes}")
+            raise BlobTooLarge(
+                f"blob {digest[:12]} from {peer_id} is announced as {expected_size} bytes, "
+                f"over the limit of {max_bytes}"
+            )
         if not timeout > 0:
             raise TransferError(f"timeout must be > 0, got {timeout}")
 
@@ -269,7 +297,9 @@ class Transfer:
         try:
             return await asyncio.wait_for(self._fetch(peer, digest, size), timeout)
         except asyncio.TimeoutError:
-            raise TransferTimeout(f"fetching {digest[:12]} from {peer} took longer than {timeout:.1f} s") from None
+            raise TransferTimeout(
+                f"fetching {digest[:12]} from {peer} took longer than {timeout:.1f} s"
+            ) from None
 
     async def _fetch(self, peer: PeerID, digest: str, size: int) -> bytes:
         try:
@@ -291,11 +321,14 @@ class Transfer:
         status = await reader.readexactly(1)
         if status != OK:
             cls = {NOT_FOUND: BlobNotServed, BUSY: PeerBusy}.get(status, TransferError)
-            raise cls(f"peer {peer} {_STATUS_TEXT.get(status, 'sent an unknown status for')} blob {digest[:12]}")
+            raise cls(
+                f"peer {peer} {_STATUS_TEXT.get(status, 'sent an unknown status for')} blob {digest[:12]}"
+            )
         announced = int.from_bytes(await reader.readexactly(8), "big")
         if announced != size:
-            raise BlobMismatch(f"peer {peer} is sending {announced} bytes for blob {digest[:12]}; "
-                               f"its record says {size}")
+            raise BlobMismatch(
+                f"peer {peer} is sending {announced} bytes for blob {digest[:12]}; its record says {size}"
+            )
         buf = bytearray(size)
         view = memoryview(buf)
         sha = hashlib.sha256()
@@ -306,7 +339,7 @@ class Transfer:
                 raise BlobMismatch(f"peer {peer} sent {got} of the {size} bytes of blob {digest[:12]}")
             self._count("bytes_in", len(chunk))
             await self.download_bucket.aconsume(len(chunk))
-            view[got: got + len(chunk)] = chunk
+            view[got : got + len(chunk)] = chunk
             sha.update(chunk)
             got += len(chunk)
         if await reader.read(1):
