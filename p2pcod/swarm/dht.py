@@ -144,6 +144,7 @@ class Membership:
             "tombstones": 0,
         }
         self._warned: set[bytes] = set()
+        self._stats_lock = threading.Lock()
         self._lock = threading.Lock()  # hivemind's DHT pipe is not safe for concurrent senders
         self._p2p: P2P | None = None
         self._closed = False
@@ -189,7 +190,11 @@ class Membership:
         return [str(m) for m in self._call("run_coroutine", hivemind.DHT._get_visible_maddrs)]
 
     def announce(self, record: PeerRecord) -> bool:
-        """Store (or refresh) my signed record, expiring `ttl` s from now; False if no DHT node took it."""
+        """Store (or refresh) my signed record, expiring `ttl` s from now.
+
+        False if no DHT node took it; also when the DHT already holds one of my records expiring later
+        (the DHT keeps the latest expiration, so shortening `ttl` needs the old record to run out first).
+        """
         if record.peer_id != self.peer_id:
             raise RecordError(f"record peer_id {record.peer_id} is not this peer's id {self.peer_id}")
         return self._store(record.to_wire())
@@ -200,13 +205,13 @@ class Membership:
 
     def _store(self, wire: dict[str, Any]) -> bool:
         ok = bool(self._call("store", self.key, wire, get_dht_time() + self.ttl, subkey=self._subkey))
-        self.stats["announces" if ok else "announce_failures"] += 1
+        self._count("announces" if ok else "announce_failures")
         return ok
 
     def members(self) -> list[PeerRecord]:
         """Every valid, unexpired peer record (mine included), sorted by name; invalid ones are dropped."""
         found = self._call("get", self.key, latest=True)
-        self.stats["gets"] += 1
+        self._count("gets")
         if found is None or not isinstance(found.value, dict):
             return []
         now = get_dht_time()
@@ -220,13 +225,13 @@ class Membership:
                 self._invalid(subkey, err)
                 continue
             if record is None:
-                self.stats["tombstones"] += 1
+                self._count("tombstones")
             else:
                 out.append(record)
         return sorted(out, key=lambda r: (r.name, r.peer_id))
 
     def _invalid(self, subkey: Any, err: RecordError) -> None:
-        self.stats["invalid"] += 1
+        self._count("invalid")
         tag = hashlib.sha256(repr(subkey).encode()).digest()[:8]
         if tag not in self._warned and len(self._warned) < 10_000:
             self._warned.add(tag)
@@ -235,6 +240,10 @@ class Membership:
             )
 
     # ---- plumbing ---------------------------------------------------------------------------------
+    def _count(self, key: str) -> None:
+        with self._stats_lock:
+            self.stats[key] += 1
+
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         if self._closed:
             raise SwarmError(f"membership of swarm {self.swarm!r} is shut down")
