@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from p2pcod import codec
 from p2pcod.errors import P2pcodError
 from p2pcod.swarm.records import PeerRecord
+from p2pcod.swarm.transfer import PeerBusy
 from p2pcod.teachers import TeacherPool
 from p2pcod.topology import TopologyConfig, neighbours
 
@@ -76,7 +77,8 @@ class Fetcher:
         self.health: dict[str, PeerHealth] = {}
         self.held: dict[str, str] = {}  # teacher name -> digest held
         self.stats = {"fetched": 0, "failed": 0, "rejected": 0, "bytes": 0, "banned": 0, "rounds": 0}
-        self._warned: set[str] = set()
+        self._warned: set[str] = set()  # peer ids already warned about
+        self._owner: dict[str, str] = {}  # name -> the peer id that holds it
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.neighbours: list[str] = []
@@ -117,26 +119,38 @@ class Fetcher:
             if self._stop.is_set() or self._paused():
                 return
             record = by_name[name]
-            if record.digest and self.held.get(name) != record.digest and self._may_try(name):
+            if record.digest and self.held.get(name) != record.digest and self._may_try(record):
                 self._fetch(record)
 
     def _usable(self, records: Sequence[PeerRecord]) -> dict[str, PeerRecord]:
-        """Records of peers of my task, one per name (the newest step wins a name clash)."""
+        """Records of peers of my task, one per name.
+
+        Names are labels anyone may announce, while a record's peer id is bound to its signing key. A name
+        belongs to the first peer id seen with it for as long as that peer stays in the swarm (a restarted
+        peer keeps its id), so a newcomer cannot take over an honest peer's place by claiming its name.
+        """
+        present = {r.peer_id for r in records}
+        self._owner = {n: pid for n, pid in self._owner.items() if pid in present}
         out: dict[str, PeerRecord] = {}
         for r in records:
-            if r.name == self.me:
-                continue
             if r.task != self.task:
-                if r.name not in self._warned:
-                    log.warning("skipping peer %s: its task is %r, mine is %r", r.name, r.task, self.task)
-                    self._warned.add(r.name)
+                self._warn_once(r, f"skipping peer {r.name}: its task is {r.task!r}, mine is {self.task!r}")
                 continue
-            if r.name not in out or r.step > out[r.name].step:
+            owner = self._owner.setdefault(r.name, r.peer_id)
+            if owner != r.peer_id:
+                self._warn_once(r, f"ignoring peer {r.peer_id}: it claims the name {r.name!r} of peer {owner}")
+                continue
+            if r.name != self.me:
                 out[r.name] = r
         return out
 
-    def _may_try(self, name: str) -> bool:
-        h = self.health.get(name)
+    def _warn_once(self, record: PeerRecord, message: str) -> None:
+        if record.peer_id not in self._warned:
+            log.warning(message)
+            self._warned.add(record.peer_id)
+
+    def _may_try(self, record: PeerRecord) -> bool:
+        h = self.health.get(record.peer_id)
         now = time.monotonic()
         return h is None or (now >= h.retry_at and now >= h.banned_until)
 
@@ -149,11 +163,15 @@ class Fetcher:
             self.stats["bytes"] += len(blob)
             state, meta = codec.decode(blob, expect_fingerprint=record.fingerprint, limits=p.limits)
             self.teachers.swap(record.name, state, record.model_cfg, record.step, meta)
+        except PeerBusy:  # the peer is serving others: not misbehaviour, retry soon without a strike
+            h = self.health.setdefault(record.peer_id, PeerHealth())
+            h.retry_at = time.monotonic() + self.policy.backoff
+            return
         except P2pcodError as err:
             self._offence(record, err)
             return
         self.held[record.name] = record.digest
-        self.health.pop(record.name, None)
+        self.health.pop(record.peer_id, None)
         self.stats["fetched"] += 1
         log.info("teacher %s updated to step %d (%d bytes)", record.name, record.step, record.size)
 
@@ -161,7 +179,7 @@ class Fetcher:
         if self._paused():  # our own partition, not the peer's fault
             return
         p = self.policy
-        h = self.health.setdefault(record.name, PeerHealth())
+        h = self.health.setdefault(record.peer_id, PeerHealth())
         h.failures += 1
         h.offences += 1
         h.last_error = str(err)

@@ -103,6 +103,7 @@ class Session:
         ]
         self._closed = False
         self._cut_off_until = 0.0
+        self.transfer.paused = self.cut_off
 
     @classmethod
     def join(

@@ -19,6 +19,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from hivemind.p2p import PeerID
@@ -158,6 +159,8 @@ class Transfer:
         self._handshaking = 0  # loop-thread only
         self._tasks: set[asyncio.Task] = set()  # loop-thread only
         self._closed = False
+        # While this returns True every upload is cut at once (the simulator's partitions use it).
+        self.paused: Callable[[], bool] = lambda: False
         self._loop = membership.loop
         self._p2p = membership.p2p()
         self._loop.run(
@@ -194,6 +197,9 @@ class Transfer:
             digest = await self._read_request(reader, writer)
             if digest is None:
                 return
+            if self.paused():
+                self._count("uploads_refused")
+                return  # the finally clause aborts the stream: to the client this peer is unreachable
             with self._blobs_lock:
                 blob = self._blobs.get(digest)
             if blob is None:
