@@ -1,0 +1,474 @@
+"""Plots and a markdown summary of a run directory (`p2pcod report RUN_DIR [--baseline RUN_DIR]`).
+
+Reads a simulator run (RUN_DIR/peers/<name>/metrics.jsonl + events.jsonl), an in-process `p2pcod
+train` run (RUN_DIR/m<i>/metrics.jsonl) or a single peer's run dir (RUN_DIR/metrics.jsonl), and writes
+into RUN_DIR: loss.png (validation loss against step and wall time, the baseline's peers dashed),
+bytes.png (bytes received / sent over time), staleness.png (teachers held and their staleness) and
+summary.md (steps to a target loss, final losses, bytes per step against a ring all-reduce of fp32
+gradients, the faults and how each peer rode them out).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from p2pcod.errors import DataError
+
+FAULT_EVENTS = ("kill", "cut")
+
+
+@dataclass
+class PeerRun:
+    name: str
+    rows: list[dict[str, Any]]
+    info: dict[str, Any] = field(default_factory=dict)  # peer.json
+    wall: list[float] = field(default_factory=list)  # seconds since the run started, one per row
+
+    def val_curve(self) -> list[tuple[int, float]]:
+        """(step, val loss), the last value per step (a restarted peer repeats steps), sorted by step."""
+        last: dict[int, float] = {}
+        for row in self.rows:
+            if "val_loss" in row and _finite(row["val_loss"]):
+                last[int(row["step"])] = float(row["val_loss"])
+        return sorted(last.items())
+
+    @property
+    def final_step(self) -> int:
+        return max((int(r["step"]) for r in self.rows), default=0)
+
+    def incarnations(self) -> list[list[int]]:
+        """Row indices per process lifetime: a new one starts at a resume or when steps go back."""
+        out: list[list[int]] = []
+        for i, row in enumerate(self.rows):
+            prev = self.rows[i - 1] if i else None
+            if prev is None or "resumed_from" in row or int(row["step"]) < int(prev["step"]) or (
+                    row.get("time", 0) < prev.get("time", 0)):
+                out.append([])
+            out[-1].append(i)
+        return out
+
+    def total_bytes(self, key: str) -> list[float]:
+        """Cumulative bytes per row across restarts (a new process starts its counters at 0)."""
+        out = [0.0] * len(self.rows)
+        carried = 0.0
+        for rows in self.incarnations():
+            last = 0.0
+            for i in rows:
+                last = float(self.rows[i].get(key, 0) or 0)
+                out[i] = carried + last
+            carried += last
+        return out
+
+
+@dataclass
+class RunData:
+    path: Path
+    peers: dict[str, PeerRun]
+    events: list[dict[str, Any]] = field(default_factory=list)
+    kind: str = "sim"
+
+    @property
+    def label(self) -> str:
+        return self.path.name
+
+    def params(self) -> int | None:
+        values = [p.info.get("params") for p in self.peers.values() if p.info.get("params")]
+        return int(max(values)) if values else None
+
+    def mean_curve(self) -> list[tuple[int, float]]:
+        """Mean val loss over peers at the steps every peer evaluated."""
+        curves = [dict(p.val_curve()) for p in self.peers.values() if p.val_curve()]
+        if not curves:
+            return []
+        common = set.intersection(*(set(c) for c in curves))
+        return [(s, sum(c[s] for c in curves) / len(curves)) for s in sorted(common)]
+
+
+# ---- loading ----------------------------------------------------------------------------------------
+def load_run(run_dir: str | Path) -> RunData:
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise DataError(f"run directory {path} does not exist")
+    events = _read_jsonl(path / "events.jsonl") if (path / "events.jsonl").exists() else []
+    if (path / "peers").is_dir():
+        dirs, kind = sorted(d for d in (path / "peers").iterdir() if (d / "metrics.jsonl").exists()), "sim"
+    else:
+        dirs = sorted((d for d in path.glob("m*") if re.fullmatch(r"m\d+", d.name) and (d / "metrics.jsonl").exists()),
+                      key=lambda d: int(d.name[1:]))
+        kind = "train"
+        if not dirs and (path / "metrics.jsonl").exists():
+            dirs, kind = [path], "peer"
+    if not dirs:
+        raise DataError(f"{path} holds no metrics.jsonl (peers/<name>/, m<i>/ or its own): is it a run directory?")
+    order = [n for e in events if e.get("event") == "sim_start" for n in e.get("names", [])]
+    peers = {}
+    for d in sorted(dirs, key=lambda d: order.index(d.name) if d.name in order else len(order)):
+        rows = [r for r in _read_jsonl(d / "metrics.jsonl") if isinstance(r, dict) and "step" in r]
+        info = _read_json(d / "peer.json")
+        peer = PeerRun(d.name if kind != "peer" else path.name, rows, info)
+        peer.wall = _wall_times(peer, events)
+        peers[peer.name] = peer
+    return RunData(path, peers, events, kind)
+
+
+def _wall_times(peer: PeerRun, events: list[dict[str, Any]]) -> list[float]:
+    """Each row's seconds since the simulation started; without events, the peer's own clock."""
+    wall = [float(r.get("time", 0.0)) for r in peer.rows]
+    start = next((e["unix"] for e in events if e.get("event") == "sim_start"), None)
+    joins = [e for e in events if e.get("event") == "joined" and e.get("peer") == peer.name and e.get("peer_unix")]
+    if start is None or not joins:
+        return wall
+    incs = peer.incarnations()
+    for rows, join in zip(incs[::-1], joins[::-1], strict=False):  # latest with latest if counts differ
+        # peer.json is written just before the incarnation's first row: that row is at peer_unix
+        origin = float(join["peer_unix"]) - float(peer.rows[rows[0]].get("time", 0.0)) - float(start)
+        for i in rows:
+            wall[i] = origin + float(peer.rows[i].get("time", 0.0))
+    return wall
+
+
+# ---- numbers ------------------------------------------------------------------------------------------
+def steps_to_target(curve: list[tuple[int, float]], target: float) -> int | None:
+    """The first evaluated step whose validation loss is at or below `target` (None: never)."""
+    return next((s for s, v in curve if v <= target), None)
+
+
+def allreduce_bytes_per_step(params: int, n: int) -> float:
+    """Bytes each peer sends per step in a ring all-reduce of fp32 gradients: 2·(N−1)/N · 4·params."""
+    return 2 * (n - 1) / n * 4 * params
+
+
+def choose_target(run: RunData, baseline: RunData | None, target: float | None) -> tuple[float | None, str]:
+    if target is not None:
+        return target, "given"
+    if baseline is not None and baseline.mean_curve():
+        best = min(v for _, v in baseline.mean_curve())
+        return best, f"the best mean validation loss of the baseline {baseline.label}"
+    bests = [min(v for _, v in p.val_curve()) for p in run.peers.values() if p.val_curve()]
+    if not bests:
+        return None, "no validation loss recorded"
+    return max(bests), "no baseline: the loosest level every peer reached (the worst of the peers' best losses)"
+
+
+def peer_table(run: RunData) -> list[dict[str, Any]]:
+    n, params = len(run.peers), run.params()
+    allreduce = allreduce_bytes_per_step(params, n) if params and n > 1 else None
+    out = []
+    for p in run.peers.values():
+        curve = p.val_curve()
+        steps = max(p.final_step, 1)
+        sent = p.total_bytes("bytes_out")[-1] if p.rows else 0.0
+        got = p.total_bytes("bytes_in")[-1] if p.rows else 0.0
+        out.append({
+            "peer": p.name, "steps": p.final_step, "final": curve[-1][1] if curve else None,
+            "best": min(v for _, v in curve) if curve else None, "sent": sent, "received": got,
+            "sent_per_step": sent / steps, "received_per_step": got / steps,
+            "ratio": sent / steps / allreduce if allreduce else None,
+        })
+    return out
+
+
+# ---- faults --------------------------------------------------------------------------------------------
+def fault_story(run: RunData) -> list[str]:
+    """One line per fault: what happened and how the peers rode it out."""
+    lines = []
+    events = run.events
+    for i, e in enumerate(events):
+        kind, name = e.get("event"), e.get("peer")
+        if kind not in FAULT_EVENTS or name not in run.peers:
+            if kind == "exit" and e.get("unexpected"):
+                lines.append(f"- t={e['t']:.1f}s **{name}** exited on its own with code {e.get('rc')} "
+                             f"at step {e.get('step')}")
+            continue
+        peer = run.peers[name]
+        t = float(e["t"])
+        if kind == "kill":
+            lines.append(_kill_line(run, peer, e, events[i + 1:]))
+        elif kind == "cut":
+            end = t + float(e.get("duration_s", 0))
+            fails = _at(peer, end, "fetch_failed", 0) - _at(peer, t, "fetch_failed", 0)
+            steps = f"step {_at(peer, t, 'step', 0)} -> {_at(peer, end, 'step', 0)}"
+            lines.append(f"- t={t:.1f}s **{name}** cut off for {e.get('duration_s', 0):.0f} s at step "
+                         f"{e.get('step')}: it kept training ({steps}),"
+                         f" teachers {_at(peer, t, 'teachers', 0)} -> {_at(peer, end, 'teachers', 0)}, "
+                         f"{fails} failed fetches; {_others(run, name, t, end)}")
+    for e in events:
+        if e.get("event") == "start" and e.get("late") and e.get("peer") in run.peers:
+            lines.append(_join_line(run, run.peers[e["peer"]], float(e["t"])))
+    return lines
+
+
+def _kill_line(run: RunData, peer: PeerRun, e: dict[str, Any], later: list[dict[str, Any]]) -> str:
+    t = float(e["t"])
+    before = [r["step"] for r, w in zip(peer.rows, peer.wall, strict=True) if w <= t + 0.5]
+    last = max(before, default=e.get("step", 0))
+    text = f"- t={t:.1f}s **{peer.name}** killed (SIGKILL) at step {last}"
+    restart = next((x for x in later if x.get("event") == "restart" and x.get("peer") == peer.name), None)
+    if restart is None:
+        return text + f"; not restarted. {_others(run, peer.name, t, None)}"
+    joined = next((x for x in later if x.get("event") == "joined" and x.get("peer") == peer.name
+                   and x["t"] >= restart["t"]), {})
+    resumed = joined.get("resumed_from")
+    if resumed is None:
+        resumed = next((r["resumed_from"] for r in peer.rows if r.get("resumed_from") is not None), None)
+    back = float(joined.get("t", restart["t"]))
+    text += f"; restarted at t={float(restart['t']):.1f}s (same run dir and identity), "
+    if resumed is None:
+        text += "found no checkpoint and started over from step 0"
+    else:
+        text += f"resumed at step {resumed} from its checkpoint, lost {max(0, int(last) - int(resumed))} steps"
+    text += f", finished at step {peer.final_step}. During the {back - t:.0f} s outage "
+    text += _others(run, peer.name, t, back)
+    return text
+
+
+def _join_line(run: RunData, peer: PeerRun, t: float) -> str:
+    swarm_step = max((_at(p, t, "step", 0) for n, p in run.peers.items() if n != peer.name), default=0)
+    first = next((r for r in peer.rows if (r.get("teachers") or 0) > 0), None)
+    got = f"got its first teacher at step {first['step']}" if first else "never got a teacher"
+    return (f"- t={t:.1f}s **{peer.name}** joined late, when the swarm was at step {swarm_step}; {got}, "
+            f"finished at step {peer.final_step}")
+
+
+def _others(run: RunData, name: str, t0: float, t1: float | None) -> str:
+    moves = [(n, _at(p, t0, "step", 0), _at(p, t1, "step", 0) if t1 is not None else p.final_step)
+             for n, p in run.peers.items() if n != name]
+    if not moves:
+        return ""
+    kept = all(b > a for _, a, b in moves)
+    return ("the other peers kept training: " if kept else "other peers: ") + ", ".join(
+        f"{n} step {a}->{b}" for n, a, b in moves)
+
+
+def _at(peer: PeerRun, t: float, key: str, default: Any) -> Any:
+    """The value of `key` in the peer's last row written at or before wall time t."""
+    value = default
+    for row, w in zip(peer.rows, peer.wall, strict=True):
+        if w > t:
+            break
+        value = row.get(key, value)
+    return value
+
+
+# ---- output -----------------------------------------------------------------------------------------
+def write_report(run_dir: str | Path, baseline: str | Path | None = None, target: float | None = None) -> Path:
+    """Write loss.png, bytes.png, staleness.png and summary.md into run_dir; returns summary.md's path."""
+    run = load_run(run_dir)
+    base = load_run(baseline) if baseline is not None else None
+    level, why = choose_target(run, base, target)
+    plot_all(run, base, level)
+    path = run.path / "summary.md"
+    path.write_text(summary_markdown(run, base, level, why))
+    return path
+
+
+def summary_markdown(run: RunData, base: RunData | None, target: float | None, why: str) -> str:
+    n, params = len(run.peers), run.params()
+    spec = next((e for e in run.events if e.get("event") == "sim_start"), {})
+    out = [f"# Run {run.label}", ""]
+    if spec:
+        out += [f"Spec `{spec.get('spec')}`: {n} peers, topology {spec.get('topology')}, {spec.get('steps')} steps, "
+                f"{spec.get('threads')} thread(s) per peer; ended: "
+                f"{next((e.get('reason') for e in run.events if e.get('event') == 'sim_end'), '?')}.", ""]
+    if base is not None:
+        out += [f"Baseline: `{base.path}` ({len(base.peers)} peers, dashed in the plots).", ""]
+    out += ["![validation loss](loss.png)", "", "![bytes](bytes.png)", "", "![staleness](staleness.png)", ""]
+    out += _target_section(run, base, target, why)
+    out += _peer_section(run, base, n, params)
+    story = fault_story(run)
+    out += ["## Faults", ""] + (story or ["None scheduled; no peer exited on its own."]) + [""]
+    return "\n".join(out)
+
+
+def _target_section(run: RunData, base: RunData | None, target: float | None, why: str) -> list[str]:
+    out = ["## Steps to the target loss", ""]
+    if target is None:
+        return out + ["No validation loss was recorded.", ""]
+    out += [f"Target validation loss **{target:.4f}** ({why}); the first evaluated step at or below it:", "",
+            "| peer | steps (this run) | steps (baseline) |", "|---|---|---|"]
+    base_peers = _matched(run, base)
+    for name, p in run.peers.items():
+        b = base_peers.get(name)
+        out.append(f"| {name} | {_fmt_steps(steps_to_target(p.val_curve(), target))} | "
+                   f"{_fmt_steps(steps_to_target(b.val_curve(), target)) if b else '-'} |")
+    mine = steps_to_target(run.mean_curve(), target)
+    theirs = steps_to_target(base.mean_curve(), target) if base else None
+    out.append(f"| **mean of peers** | {_fmt_steps(mine)} | {_fmt_steps(theirs) if base else '-'} |")
+    if mine and theirs:
+        out += ["", f"Speed-up in steps: {theirs / mine:.2f}x."]
+    return out + [""]
+
+
+def _peer_section(run: RunData, base: RunData | None, n: int, params: int | None) -> list[str]:
+    rows = peer_table(run)
+    allreduce = allreduce_bytes_per_step(params, n) if params and n > 1 else None
+    out = ["## Peers", ""]
+    if allreduce:
+        out += [f"A ring all-reduce of fp32 gradients for this model ({params:,} parameters, N = {n}) sends "
+                f"2·(N−1)/N · 4·params = {allreduce / 1e3:,.1f} kB per step per peer.", ""]
+    matched = _matched(run, base)
+    head = "| peer | steps | final val | best val |"
+    if base is not None:
+        head += " final val alone/baseline | change |"
+    head += " MB sent | MB received | kB sent/step | vs all-reduce |"
+    out += [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        line = f"| {r['peer']} | {r['steps']} | {_fmt(r['final'])} | {_fmt(r['best'])} |"
+        if base is not None:
+            b = matched.get(r["peer"])
+            bf = b.val_curve()[-1][1] if b and b.val_curve() else None
+            change = f"{(r['final'] - bf) / bf * 100:+.1f}%" if bf and r["final"] is not None else "-"
+            line += f" {_fmt(bf)} | {change} |"
+        ratio = f"{r['ratio']:.4f}x" if r["ratio"] is not None else "n/a"
+        line += (f" {r['sent'] / 1e6:.2f} | {r['received'] / 1e6:.2f} | {r['sent_per_step'] / 1e3:.2f} | {ratio} |")
+        out.append(line)
+    return out + [""]
+
+
+def _matched(run: RunData, base: RunData | None) -> dict[str, PeerRun]:
+    """Baseline peer per peer of this run: by name, else by position."""
+    if base is None:
+        return {}
+    if set(run.peers) <= set(base.peers):
+        return {n: base.peers[n] for n in run.peers}
+    return dict(zip(run.peers, base.peers.values(), strict=False))
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+def _fmt_steps(s: int | None) -> str:
+    return "not reached" if s is None else str(s)
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, int | float) and math.isfinite(v)
+
+
+def _read_jsonl(path: Path) -> list[Any]:
+    rows = []
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return rows
+    for line in text.splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue  # a torn last line (killed mid-write)
+    return rows
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+# ---- plots -------------------------------------------------------------------------------------------
+def plot_all(run: RunData, base: RunData | None, target: float | None) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(run.peers)}
+    matched = _matched(run, base)
+    paths = []
+    for name, draw in (("loss.png", _plot_loss), ("bytes.png", _plot_bytes), ("staleness.png", _plot_staleness)):
+        fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+        draw(axes, run, matched, colours, target)
+        _mark_faults(axes[1] if name != "staleness.png" else None, run)
+        fig.suptitle(f"{run.label}: {len(run.peers)} peers" + (f" (dashed: baseline {base.label})" if base else ""))
+        fig.tight_layout()
+        fig.savefig(run.path / name, dpi=110)
+        plt.close(fig)
+        paths.append(run.path / name)
+    return paths
+
+
+def _plot_loss(axes, run: RunData, matched: dict[str, PeerRun], colours, target: float | None) -> None:
+    for name, p in run.peers.items():
+        b = matched.get(name)
+        for peer, style, tag in ((p, "-", ""), (b, "--", " (baseline)")):
+            if peer is None:
+                continue
+            pts = [(r["step"], w, float(r["val_loss"])) for r, w in zip(peer.rows, peer.wall, strict=True)
+                   if _finite(r.get("val_loss"))]
+            if pts:
+                steps, wall, val = zip(*pts, strict=True)
+                axes[0].plot(steps, val, style, color=colours[name], marker=".", label=f"{name}{tag}")
+                axes[1].plot(wall, val, style, color=colours[name], marker=".", label=f"{name}{tag}")
+    for ax, xlabel in zip(axes, ("training step", "wall time since start (s)"), strict=True):
+        if target is not None:
+            ax.axhline(target, color="grey", linestyle=":", linewidth=1, label=f"target {target:.3f}")
+        ax.set(xlabel=xlabel, ylabel="validation loss")
+        ax.grid(alpha=0.3)
+    axes[0].set_title("validation loss by step")
+    axes[1].set_title("validation loss by wall time")
+    _zoom_losses(axes, run, matched)
+    axes[0].legend(fontsize=8, ncol=2)
+
+
+def _zoom_losses(axes, run: RunData, matched: dict[str, PeerRun]) -> None:
+    """The first evaluation (an untrained model) would squash the interesting part: clip the y range there."""
+    vals = [v for p in [*run.peers.values(), *matched.values()] for s, v in p.val_curve() if s > 0]
+    if vals:
+        lo, hi = min(vals), max(vals)
+        pad = 0.08 * (hi - lo or 1.0)
+        for ax in axes:
+            ax.set_ylim(lo - pad, hi + pad)
+
+
+def _plot_bytes(axes, run: RunData, matched: dict[str, PeerRun], colours, _target: float | None) -> None:
+    for name, p in run.peers.items():
+        for ax, key in zip(axes, ("bytes_in", "bytes_out"), strict=True):
+            ax.plot(p.wall, [b / 1e6 for b in p.total_bytes(key)], color=colours[name], label=name)
+    for ax, what in zip(axes, ("received", "sent"), strict=True):
+        ax.set(xlabel="wall time since start (s)", ylabel=f"MB {what} (cumulative)", title=f"checkpoint bytes {what}")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, ncol=2)
+
+
+def _plot_staleness(axes, run: RunData, matched: dict[str, PeerRun], colours, _target: float | None) -> None:
+    for name, p in run.peers.items():
+        steps = [r["step"] for r in p.rows]
+        axes[0].step(steps, [r.get("teachers", 0) or 0 for r in p.rows], where="post", color=colours[name], label=name)
+        pts = [(r["step"], sum(r["staleness"].values()) / len(r["staleness"])) for r in p.rows
+               if isinstance(r.get("staleness"), dict) and r["staleness"]]
+        if pts:
+            axes[1].plot(*zip(*pts, strict=True), color=colours[name], marker=".", label=name)
+    axes[0].set(xlabel="training step", ylabel="teachers held", title="teachers held")
+    axes[1].set(xlabel="training step", ylabel="mean teacher staleness (steps)", title="teacher staleness")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, ncol=2)
+
+
+def _mark_faults(ax, run: RunData) -> None:
+    """Faults on a wall-time axis: kills red, restarts and late joins green, partitions shaded."""
+    if ax is None:
+        return
+    for e in run.events:
+        kind, t = e.get("event"), float(e.get("t", 0))
+        if kind == "kill":
+            ax.axvline(t, color="red", linestyle=":", linewidth=1)
+            ax.annotate(f"kill {e.get('peer')}", (t, 1), xycoords=("data", "axes fraction"), fontsize=7,
+                        color="red", rotation=90, va="top", ha="right")
+        elif kind == "restart" or (kind == "start" and e.get("late")):
+            label = "restart" if kind == "restart" else "join"
+            ax.axvline(t, color="green", linestyle=":", linewidth=1)
+            ax.annotate(f"{label} {e.get('peer')}", (t, 1), xycoords=("data", "axes fraction"), fontsize=7,
+                        color="green", rotation=90, va="top", ha="right")
+        elif kind == "cut":
+            ax.axvspan(t, t + float(e.get("duration_s", 0)), color="orange", alpha=0.15)
+            ax.annotate(f"cut {e.get('peer')}", (t, 0), xycoords=("data", "axes fraction"), fontsize=7,
+                        color="darkorange", va="bottom")
