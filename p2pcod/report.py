@@ -125,8 +125,11 @@ def _wall_times(peer: PeerRun, events: list[dict[str, Any]]) -> list[float]:
         return wall
     incs = peer.incarnations()
     for rows, join in zip(incs[::-1], joins[::-1], strict=False):  # latest with latest if counts differ
-        # peer.json is written just before the incarnation's first row: that row is at peer_unix
-        origin = float(join["peer_unix"]) - float(peer.rows[rows[0]].get("time", 0.0)) - float(start)
+        # peer.json is written just after the trainer starts its clock; a resumed trainer's clock starts
+        # at the checkpoint's elapsed time, which its first row (written right away) shows
+        first = peer.rows[rows[0]]
+        resumed = float(first.get("time", 0.0)) if "resumed_from" in first else 0.0
+        origin = float(join["peer_unix"]) - resumed - float(start)
         for i in rows:
             wall[i] = origin + float(peer.rows[i].get("time", 0.0))
     return wall

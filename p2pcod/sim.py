@@ -18,6 +18,7 @@ Spec (TOML; validated in full by p2pcod/simspec.py before any process starts):
     latency_ms = 0
     compare_alone = false           # then run the same peers with topology "none" into RUN_DIR/alone
     baseline = "runs/..."           # or: an existing run directory the report compares against
+    sync_start = true               # hold (SIGSTOP) each initial peer once it has joined, until all have
     [swarm.set.train]               # recipe overrides for every peer (any section: train, model, ...)
     eval_every = 20
 
@@ -103,6 +104,7 @@ class PeerState:
     partial: str = ""
     last_step: int = 0
     last_row: dict[str, Any] = field(default_factory=dict)
+    shown: int = -1  # step of the last progress line shown
     finished: bool = False
     killed_at: float | None = None  # sim time of the kill awaiting a restart
     ended: bool = False  # exited for good (or killed with no restart pending)
@@ -141,6 +143,7 @@ class Simulation:
         self.pending: list[FaultSpec] = list(spec.faults)
         self.heal_at: dict[str, float] = {}
         self._t0 = time.monotonic()
+        self._holding = False
         self._events: IO[str] | None = None
 
     # ---- public ---------------------------------------------------------------------------------
@@ -170,13 +173,21 @@ class Simulation:
     # ---- supervision ----------------------------------------------------------------------------
     def _supervise(self) -> str:
         late = self.spec.late_peers
-        first = self.peers[0]
-        self._start(first)
-        if not self._wait_joined(first):
+        initial = [p for p in self.peers if p.spec.index not in late]
+        self._holding = self.spec.sync_start and len(initial) > 1
+        self._start(initial[0])
+        if not self._wait_joined(initial[:1]):
             return "stopped"
-        for peer in self.peers[1:]:
-            if peer.spec.index not in late:
-                self._start(peer)
+        for peer in initial[1:]:
+            self._start(peer)
+        if self._holding:
+            if not self._wait_joined(initial):
+                return "stopped"
+            self._holding = False
+            for peer in initial:  # every initial peer has joined: all start training together
+                _signal(peer.proc, signal.SIGCONT)
+            self._event("go", held={p.name: p.last_step for p in initial})
+            self.progress(f"{self._stamp()} all {len(initial)} peers joined: training starts")
         while True:
             self._poll()
             if self.stop.is_set():
@@ -192,19 +203,20 @@ class Simulation:
     def elapsed(self) -> float:
         return time.monotonic() - self._t0
 
-    def _wait_joined(self, peer: PeerState) -> bool:
+    def _wait_joined(self, peers: list[PeerState]) -> bool:
         deadline = time.monotonic() + self.spec.startup_timeout_s
-        while not peer.joined:
+        while not all(p.joined for p in peers):
             self._poll()
             if self.stop.is_set():
                 return False
-            if not peer.running:
-                raise SwarmError(f"peer {peer.name} exited with code {peer.proc.returncode} before joining; "
-                                 f"its log {peer.run_dir / 'peer.log'} ends with:\n{_tail(peer.run_dir / 'peer.log')}")
-            if time.monotonic() > deadline:
-                raise SwarmError(f"peer {peer.name} did not write {peer.run_dir / 'peer.json'} within "
-                                 f"{self.spec.startup_timeout_s:.0f} s (swarm.startup_timeout_s)")
-            time.sleep(self.poll_s / 2)
+            for peer in peers:
+                if not peer.running:
+                    raise SwarmError(f"peer {peer.name} exited with code {peer.proc.returncode} before joining; its "
+                                     f"log {peer.run_dir / 'peer.log'} ends with:\n{_tail(peer.run_dir / 'peer.log')}")
+                if time.monotonic() > deadline and not peer.joined:
+                    raise SwarmError(f"peer {peer.name} did not write {peer.run_dir / 'peer.json'} within "
+                                     f"{self.spec.startup_timeout_s:.0f} s (swarm.startup_timeout_s)")
+            time.sleep(0.05)
         return True
 
     def _done(self) -> bool:
@@ -244,6 +256,8 @@ class Simulation:
         if float(info.get("time", 0)) < peer.started_unix - 1.0:
             return  # the previous incarnation's
         peer.joined = True
+        if self._holding:  # hold it (its DHT process keeps serving) until every initial peer has joined
+            _signal(peer.proc, signal.SIGSTOP)
         peer.maddrs = [str(a) for a in info.get("maddrs", [])]
         self._event("joined", peer, peer_id=info.get("peer_id"), peer_unix=info.get("time"),
                     resumed_from=info.get("resumed_from"), params=info.get("params"))
@@ -267,7 +281,8 @@ class Simulation:
             if not isinstance(row, dict) or "step" not in row:
                 continue
             peer.last_step, peer.last_row = int(row["step"]), row
-            if "val_loss" in row and not quiet:
+            if "val_loss" in row and not quiet and not (row.get("final") and peer.shown == row["step"]):
+                peer.shown = int(row["step"])
                 self.progress(self._progress_line(peer, row))
             if row.get("final") and not peer.finished:
                 peer.finished = True
@@ -373,8 +388,8 @@ class Simulation:
         """SIGTERM every live peer (it saves and leaves), wait, then SIGKILL every group we made."""
         live = [p for p in self.peers if p.running]
         for peer in live:
-            with contextlib.suppress(ProcessLookupError):
-                peer.proc.send_signal(signal.SIGTERM)
+            _signal(peer.proc, signal.SIGCONT)  # a peer held at the start barrier must run to leave
+            _signal(peer.proc, signal.SIGTERM)
         deadline = time.monotonic() + self.spec.stop_timeout_s
         for peer in live:
             try:
@@ -464,6 +479,12 @@ class _signals_set:
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self.saved.items():
             signal.signal(sig, handler)
+
+
+def _signal(proc: subprocess.Popen | None, sig: int) -> None:
+    if proc is not None and proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
 
 
 def _tail(path: Path, lines: int = 15) -> str:

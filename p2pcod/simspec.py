@@ -28,7 +28,7 @@ SECTIONS = ("task", "model", "train", "distill", "exchange")
 SWARM_KEYS = {
     "name", "recipe", "peers", "topology", "k", "split", "steps", "budget_s", "threads", "set",
     "upload_mbit", "download_mbit", "latency_ms", "compare_alone", "baseline", "startup_timeout_s",
-    "stop_timeout_s", "description",
+    "stop_timeout_s", "description", "sync_start",
 }
 PEER_KEYS = {"index", "name", "recipe", "set", "upload_mbit", "download_mbit", "latency_ms"}
 FAULT_KEYS = {"kind", "peer", "at_step", "at_s", "after_s", "duration_s"}
@@ -73,6 +73,7 @@ class SimSpec:
     startup_timeout_s: float = 180.0
     stop_timeout_s: float = 60.0
     description: str = ""
+    sync_start: bool = True  # initial peers start training together (held until all have joined)
     raw: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -90,7 +91,7 @@ class SimSpec:
             name=f"{self.name}-alone", path=self.path, peers=peers, faults=(), topology="none",
             steps=self.steps, budget_s=self.budget_s, threads=self.threads, compare_alone=False,
             startup_timeout_s=self.startup_timeout_s, stop_timeout_s=self.stop_timeout_s,
-            description=f"{self.name}: the same peers alone (topology none)", raw=self.raw,
+            sync_start=self.sync_start, description=f"{self.name}: the same peers alone (topology none)", raw=self.raw,
         )
 
 
@@ -138,9 +139,7 @@ def parse_spec(raw: Mapping[str, Any], path: Path, cores: int | None = None) -> 
     baseline = swarm.get("baseline")
     if baseline is not None and not isinstance(baseline, str):
         raise ConfigError(f"swarm.baseline must be a run directory path, got {baseline!r}")
-    compare_alone = swarm.get("compare_alone", False)
-    if not isinstance(compare_alone, bool):
-        raise ConfigError(f"swarm.compare_alone must be true or false, got {compare_alone!r}")
+    compare_alone = _bool(swarm, "compare_alone", False)
     name = swarm.get("name", path.stem)
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise ConfigError(f"swarm.name = {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
@@ -150,7 +149,7 @@ def parse_spec(raw: Mapping[str, Any], path: Path, cores: int | None = None) -> 
         baseline=Path(baseline) if baseline else None,
         startup_timeout_s=_num(swarm, "startup_timeout_s", "swarm.startup_timeout_s", default=180.0),
         stop_timeout_s=_num(swarm, "stop_timeout_s", "swarm.stop_timeout_s", default=60.0),
-        description=str(swarm.get("description", "")), raw=dict(raw),
+        description=str(swarm.get("description", "")), sync_start=_bool(swarm, "sync_start", True), raw=dict(raw),
     )
 
 
@@ -341,6 +340,13 @@ def _num(table: Mapping[str, Any], key: str, name: str, default: Any = 0.0) -> A
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"{name} must be a number, got {value!r}")
     return float(value)
+
+
+def _bool(table: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = table.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"swarm.{key} must be true or false, got {value!r}")
+    return value
 
 
 def _toml(value: Any) -> str:

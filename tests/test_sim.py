@@ -212,6 +212,8 @@ def test_three_peers_run_to_the_end_with_metrics_and_report(tmp_path, fake_peer)
     ev = events(run_dir)
     assert [e["peer"] for e in ev if e["event"] == "start"] == ["p0", "p1", "p2"]
     assert ev[-1] == {**ev[-1], "event": "sim_end", "reason": "steps"}
+    go = next(e for e in ev if e["event"] == "go")  # the start barrier: nobody trained ahead of the others
+    assert set(go["held"]) == {"p0", "p1", "p2"} and max(go["held"].values()) < 10
     for name in ("p0", "p1", "p2"):
         info = json.loads((run_dir / "peers" / name / "peer.json").read_text())
         assert info["threads"] == 1 and info["topology"] == "ring"
@@ -220,8 +222,8 @@ def test_three_peers_run_to_the_end_with_metrics_and_report(tmp_path, fake_peer)
         rows = [json.loads(x) for x in (run_dir / "peers" / name / "metrics.jsonl").read_text().splitlines()]
         assert rows[-1]["final"] and rows[-1]["step"] == 40
         assert (run_dir / "peers" / name / "peer.log").exists()
-    # one progress line per peer per evaluation (steps 0, 10, 20, 30, 40 and the final one)
-    assert sum(" p1 " in x and " val " in x for x in lines) == 6
+    # one progress line per peer per evaluation (steps 0, 10, 20, 30, 40; the final repeat is not shown)
+    assert sum(" p1 " in x and " val " in x for x in lines) == 5
     assert (run_dir / "spec.toml").exists()
     for png in ("loss.png", "bytes.png", "staleness.png"):
         assert (run_dir / png).stat().st_size > 10_000
