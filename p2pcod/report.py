@@ -46,8 +46,8 @@ class PeerRun:
         out: list[list[int]] = []
         for i, row in enumerate(self.rows):
             prev = self.rows[i - 1] if i else None
-            if prev is None or "resumed_from" in row or int(row["step"]) < int(prev["step"]) or (
-                    row.get("time", 0) < prev.get("time", 0)):
+            went_back = "time" in row and "time" in prev and row["time"] < prev["time"] if prev else False
+            if prev is None or "resumed_from" in row or int(row["step"]) < int(prev["step"]) or went_back:
                 out.append([])
             out[-1].append(i)
         return out
