@@ -349,3 +349,81 @@ def test_a_crashing_peer_is_reported(tmp_path):
     with pytest.raises(sim.SwarmError, match="no such task: boom"):
         simulation.run()
     assert_no_processes(simulation, tmp_path / "run")
+
+
+# ---- real peers -----------------------------------------------------------------------------------
+REAL = """
+[swarm]
+recipe = "RECIPE"
+peers = 3
+topology = "ring"
+steps = 120
+threads = 1
+budget_s = 400
+[swarm.set.train]
+log_every = 1
+eval_every = 40
+checkpoint_every = 10
+[swarm.set.exchange]
+reload_every = 5
+[swarm.set.distill]
+burn_in = 5
+[[peer]]
+index = 2
+upload_mbit = 0.2
+[[fault]]
+kind = "kill"
+peer = 1
+at_step = 20
+[[fault]]
+kind = "restart"
+peer = 1
+after_s = 1
+"""
+
+
+def _real_peers_available() -> bool:
+    try:
+        from p2pcod.tasks import get_task  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _real_peers_available(), reason="p2pcod.tasks is not there yet")
+def test_real_peers_kill_restart_and_rate_cap(tmp_path):
+    """Three real `p2pcod peer` processes: p1 is SIGKILLed and resumes; p2's uploads are capped at 0.2 Mbit/s."""
+    run_dir = tmp_path / "run"
+    spec = load_spec(write_spec(tmp_path, REAL))
+    simulation = sim.Simulation(spec, run_dir, progress=lambda s: None)
+    try:
+        assert simulation.run() == "steps"
+    finally:
+        assert_no_processes(simulation, run_dir)
+    ev = events(run_dir)
+    kill = next(e for e in ev if e["event"] == "kill")
+    restart = next(e for e in ev if e["event"] == "restart")
+    assert kill["peer"] == restart["peer"] == "p1" and kill["pid"] != restart["pid"]
+    run = load_run(run_dir)
+    p1 = run.peers["p1"].rows
+    resumed = [r["resumed_from"] for r in p1 if "resumed_from" in r]
+    # the last checkpoint (every 10 steps) before the kill; the one of the step the kill saw may not be written
+    assert len(resumed) == 1 and resumed[0] % 10 == 0 and kill["step"] - 10 <= resumed[0] <= kill["step"] + 10
+    ids = [e["peer_id"] for e in ev if e["event"] == "joined" and e["peer"] == "p1"]
+    assert len(ids) == 2 and ids[0] == ids[1]  # same identity after the restart
+    for name, peer in run.peers.items():
+        assert peer.rows[-1].get("final") and peer.final_step == 120, name
+    assert any(r.get("teachers") for r in run.peers["p0"].rows)  # p0 learns from p2 in the ring
+    # p2's only downloader (p0) fetches back to back: each blob lands when the token bucket allows it
+    rows = run.peers["p2"].rows
+    jumps = [(r["time"], r["bytes_out"]) for prev, r in zip(rows, rows[1:], strict=False)
+             if r.get("bytes_out", 0) > prev.get("bytes_out", 0)]
+    assert len(jumps) >= 3, jumps
+    (t0, b0), (t1, b1) = jumps[0], jumps[-1]
+    rate_mbit = (b1 - b0) / (t1 - t0) * 8 / 1e6
+    assert rate_mbit == pytest.approx(0.2, rel=0.2), jumps
+    from p2pcod.report import write_report
+
+    summary = write_report(run_dir).read_text()
+    assert "**p1** killed (SIGKILL)" in summary and f"resumed at step {resumed[0]}" in summary
