@@ -29,9 +29,10 @@ def main() -> None:
     ap.add_argument("--config", default="peers/lm-tiny.toml")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--run-dir", default="runs/own-loop")
+    ap.add_argument("--set", action="append", default=[], help="recipe override, as for p2pcod peer")
     args = ap.parse_args()
 
-    recipe = load_recipe(args.config)
+    recipe = load_recipe(args.config, args.set)
     task = get_task(recipe.task)
 
     # --- your model, data and optimiser ---

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from p2pcod import codec
 from p2pcod.errors import P2pcodError
 from p2pcod.swarm.records import PeerRecord
-from p2pcod.swarm.transfer import PeerBusy
+from p2pcod.swarm.transfer import BlobNotServed, PeerBusy
 from p2pcod.teachers import TeacherPool
 from p2pcod.topology import TopologyConfig, neighbours
 
@@ -35,6 +35,7 @@ class PeerHealth:
     retry_at: float = 0.0  # monotonic time before which we do not try again
     banned_until: float = 0.0
     last_error: str = ""
+    not_served: str = ""  # a digest the peer announced but did not serve once
 
 
 @dataclass
@@ -164,8 +165,17 @@ class Fetcher:
             state, meta = codec.decode(blob, expect_fingerprint=record.fingerprint, limits=p.limits)
             self.teachers.swap(record.name, state, record.model_cfg, record.step, meta)
         except PeerBusy:  # the peer is serving others: not misbehaviour, retry soon without a strike
+            self._retry_soon(record)
+            return
+        except BlobNotServed as err:
+            # Usually our copy of its record is a little older than the blobs it serves: retry without a
+            # strike once; the same digest refused again is an offence (it announces what it does not serve).
             h = self.health.setdefault(record.peer_id, PeerHealth())
-            h.retry_at = time.monotonic() + self.policy.backoff
+            if h.not_served != record.digest:
+                h.not_served = record.digest
+                self._retry_soon(record)
+            else:
+                self._offence(record, err)
             return
         except P2pcodError as err:
             self._offence(record, err)
@@ -174,6 +184,10 @@ class Fetcher:
         self.health.pop(record.peer_id, None)
         self.stats["fetched"] += 1
         log.info("teacher %s updated to step %d (%d bytes)", record.name, record.step, record.size)
+
+    def _retry_soon(self, record: PeerRecord) -> None:
+        h = self.health.setdefault(record.peer_id, PeerHealth())
+        h.retry_at = time.monotonic() + self.policy.backoff
 
     def _offence(self, record: PeerRecord, err: Exception) -> None:
         if self._paused():  # our own partition, not the peer's fault
