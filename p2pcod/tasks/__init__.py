@@ -1,0 +1,39 @@
+"""Tasks: a model factory, training shards, held-out validation data and the task loss.
+
+`get_task(cfg)` builds one from a recipe's [task] table (with its "name").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from p2pcod.errors import ConfigError
+from p2pcod.tasks.base import SPLITS, Batch, Task
+
+__all__ = ["SPLITS", "TASKS", "Batch", "Task", "get_task", "task_class"]
+
+TASKS = ("lm", "ctr")
+
+
+def task_class(name: str) -> type[Task]:
+    # imported lazily: building one task should not pay for the other's imports
+    if name == "lm":
+        from p2pcod.tasks.lm import LMTask
+
+        return LMTask
+    if name == "ctr":
+        from p2pcod.tasks.ctr import CTRTask
+
+        return CTRTask
+    raise ConfigError(f"unknown task.name {name!r}; known tasks: {', '.join(TASKS)}")
+
+
+def get_task(cfg: Mapping[str, Any]) -> Task:
+    """The task named by cfg["name"], built from the other keys of the [task] table."""
+    if not isinstance(cfg, Mapping) or "name" not in cfg:
+        raise ConfigError(f"task.name is required; known tasks: {', '.join(TASKS)}")
+    name = cfg["name"]
+    if not isinstance(name, str):
+        raise ConfigError(f"task.name must be a string, got {name!r}; known tasks: {', '.join(TASKS)}")
+    return task_class(name)({k: v for k, v in cfg.items() if k != "name"})
