@@ -117,19 +117,24 @@ def load_run(run_dir: str | Path) -> RunData:
 
 
 def _wall_times(peer: PeerRun, events: list[dict[str, Any]]) -> list[float]:
-    """Each row's seconds since the simulation started; without events, the peer's own clock."""
+    """Each row's seconds since the simulation started; without events, the peer's own clock.
+
+    The simulator's "clock" events place each process's metrics clock on the simulation clock (from when
+    it saw the rows appear); older runs fall back on peer.json's time, which is late by the peer's set-up.
+    """
     wall = [float(r.get("time", 0.0)) for r in peer.rows]
     start = next((e["unix"] for e in events if e.get("event") == "sim_start"), None)
-    joins = [e for e in events if e.get("event") == "joined" and e.get("peer") == peer.name and e.get("peer_unix")]
-    if start is None or not joins:
+    mine = [e for e in events if e.get("peer") == peer.name]
+    origins = [float(e["origin_t"]) for e in mine if e.get("event") == "clock"]
+    if not origins and start is not None:
+        origins = [float(e["peer_unix"]) - float(start) for e in mine
+                   if e.get("event") == "joined" and e.get("peer_unix")]
+    if not origins:
         return wall
-    incs = peer.incarnations()
-    for rows, join in zip(incs[::-1], joins[::-1], strict=False):  # latest with latest if counts differ
-        # peer.json is written just after the trainer starts its clock; a resumed trainer's clock starts
-        # at the checkpoint's elapsed time, which its first row (written right away) shows
+    for rows, origin in zip(peer.incarnations()[::-1], origins[::-1], strict=False):  # latest with latest
         first = peer.rows[rows[0]]
-        resumed = float(first.get("time", 0.0)) if "resumed_from" in first else 0.0
-        origin = float(join["peer_unix"]) - resumed - float(start)
+        if "resumed_from" in first and not any(e.get("event") == "clock" for e in mine):
+            origin -= float(first.get("time", 0.0))  # a resumed clock starts at the checkpoint's elapsed time
         for i in rows:
             wall[i] = origin + float(peer.rows[i].get("time", 0.0))
     return wall

@@ -105,6 +105,7 @@ class PeerState:
     last_step: int = 0
     last_row: dict[str, Any] = field(default_factory=dict)
     shown: int = -1  # step of the last progress line shown
+    origin: float | None = None  # sim time at which this incarnation's metrics clock read 0 (an upper bound)
     finished: bool = False
     killed_at: float | None = None  # sim time of the kill awaiting a restart
     ended: bool = False  # exited for good (or killed with no restart pending)
@@ -281,6 +282,9 @@ class Simulation:
             if not isinstance(row, dict) or "step" not in row:
                 continue
             peer.last_step, peer.last_row = int(row["step"]), row
+            if isinstance(row.get("time"), int | float):  # seen no earlier than written: keep the tightest bound
+                seen = self.elapsed - float(row["time"])
+                peer.origin = seen if peer.origin is None else min(peer.origin, seen)
             if "val_loss" in row and not quiet and not (row.get("final") and peer.shown == row["step"]):
                 peer.shown = int(row["step"])
                 self.progress(self._progress_line(peer, row))
@@ -361,8 +365,16 @@ class Simulation:
             cmd += ["--set", item]
         return cmd
 
+    def _close_clock(self, peer: PeerState) -> None:
+        """Record where the incarnation's metrics clock sits on the simulation clock (the report's wall time)."""
+        if peer.origin is not None:
+            self._event("clock", peer, incarnation=peer.incarnation, origin_t=round(peer.origin, 3))
+            peer.origin = None
+
     def _start(self, peer: PeerState, resume: bool = False, fault: int | None = None) -> None:
         peer.run_dir.mkdir(parents=True, exist_ok=True)
+        self._read_metrics(peer, quiet=True)
+        self._close_clock(peer)
         cmd = self._command(peer, resume)
         threads = str(self.spec.threads)
         env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"}
@@ -403,6 +415,7 @@ class Simulation:
             if peer.proc is not None:
                 _LIVE.discard(peer.proc)
             self._read_metrics(peer, quiet=True)  # the last rows, for events; no printing while stopping
+            self._close_clock(peer)
             if peer in live:
                 self._event("stop", peer, rc=peer.proc.returncode)
             if peer.log is not None:

@@ -40,7 +40,8 @@ def make_sim_run(root: Path, with_faults: bool = True) -> Path:
     second = [{"step": 20, "time": 12.0, "val_loss": 2.6, "resumed_from": 20, "bytes_out": 0}] + [
         {"step": s, "time": 12.0 + 0.5 * (s - 20), "val_loss": v, "bytes_out": 1000 * (s - 20), "teachers": 1}
         for s, v in ((30, 2.3), (40, 2.1), (50, 1.9))]
-    write_jsonl(run / "peers/b/metrics.jsonl", first + second + [{"step": 50, "time": 27.0, "final": True, "bytes_out": 30000}])
+    last = {"step": 50, "time": 27.0, "final": True, "bytes_out": 30000}
+    write_jsonl(run / "peers/b/metrics.jsonl", first + second + [last])
     (run / "peers/b/peer.json").write_text(json.dumps({"params": 1000}))
     events = [
         {"t": 0, "unix": 1000.0, "event": "sim_start", "spec": "x", "names": ["a", "b"], "topology": "full",
@@ -87,6 +88,17 @@ def test_restarts_are_stitched(tmp_path):
     assert rows["a"]["sent_per_step"] == 1000 and rows["a"]["ratio"] == pytest.approx(0.25)
     assert rows["b"]["sent_per_step"] == 1200 and rows["b"]["ratio"] == pytest.approx(0.30)
     assert rows["b"]["final"] == 1.9 and rows["a"]["best"] == 1.7
+
+
+def test_clock_events_place_rows_on_the_simulation_clock(tmp_path):
+    run_dir = make_sim_run(tmp_path)
+    with (run_dir / "events.jsonl").open("a") as f:
+        for origin in (2.0, 14.0):  # b's two processes; their metrics clocks read 0 at t=2 s and t=14 s
+            f.write(json.dumps({"t": 41, "event": "clock", "peer": "b", "origin_t": origin}) + "\n")
+    b = load_run(run_dir).peers["b"]
+    assert b.wall[:4] == pytest.approx([2.0, 7.0, 12.0, 17.0])
+    assert b.wall[4] == pytest.approx(14.0 + 12.0)  # the resumed clock goes on from the checkpoint's time
+    assert load_run(run_dir).peers["a"].wall[1] == pytest.approx(1.0 + 5.0)  # no clock event: peer.json time
 
 
 def test_report_against_a_baseline(tmp_path):

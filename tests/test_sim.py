@@ -120,8 +120,19 @@ def assert_no_processes(simulation: sim.Simulation | None, run_dir: Path) -> Non
     found = subprocess.run(["pgrep", "-f", str(run_dir)], capture_output=True, text=True).stdout.split()
     assert found == [], f"processes left behind: {found}"
     for pgid in simulation.pgids if simulation else []:
-        with pytest.raises(ProcessLookupError):
+        assert group_gone(pgid), f"process group {pgid} still has members"
+
+
+def group_gone(pgid: int, wait: float = 10.0) -> bool:
+    """True once no process is left in the group (killed orphans may linger as zombies until init reaps them)."""
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        try:
             os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
 
 
 # ---- spec validation ------------------------------------------------------------------------------
@@ -214,6 +225,9 @@ def test_three_peers_run_to_the_end_with_metrics_and_report(tmp_path, fake_peer)
     assert ev[-1] == {**ev[-1], "event": "sim_end", "reason": "steps"}
     go = next(e for e in ev if e["event"] == "go")  # the start barrier: nobody trained ahead of the others
     assert set(go["held"]) == {"p0", "p1", "p2"} and max(go["held"].values()) < 10
+    clocks = [e for e in ev if e["event"] == "clock"]
+    assert sorted(e["peer"] for e in clocks) == ["p0", "p1", "p2"]
+    assert all(0 <= e["origin_t"] <= go["t"] for e in clocks)  # each metrics clock started before the go
     for name in ("p0", "p1", "p2"):
         info = json.loads((run_dir / "peers" / name / "peer.json").read_text())
         assert info["threads"] == 1 and info["topology"] == "ring"
@@ -230,9 +244,7 @@ def test_three_peers_run_to_the_end_with_metrics_and_report(tmp_path, fake_peer)
     summary = (run_dir / "summary.md").read_text()
     assert "| p2 | 40 |" in summary
     simulation_pgids = [e["pid"] for e in ev if e["event"] == "start"]
-    for pgid in simulation_pgids:
-        with pytest.raises(ProcessLookupError):
-            os.killpg(pgid, 0)
+    assert all(group_gone(pgid) for pgid in simulation_pgids)
     assert_no_processes(None, run_dir)
 
 
@@ -266,7 +278,9 @@ def test_faults_kill_restart_join_cut(tmp_path, fake_peer):
     assert restart["pid"] != kill["pid"] and restart["t"] >= kill["t"] + 0.5
     rows = [json.loads(x) for x in (run_dir / "peers/p1/metrics.jsonl").read_text().splitlines()]
     resumed = [r for r in rows if "resumed_from" in r]
-    assert len(resumed) == 1 and resumed[0]["resumed_from"] == (kill["step"] // 10) * 10  # last checkpoint
+    # from its last checkpoint (every 10 steps); the kill may land between a step's metrics line and its save
+    assert len(resumed) == 1 and resumed[0]["resumed_from"] % 10 == 0
+    assert kill["step"] - 10 <= resumed[0]["resumed_from"] <= kill["step"] + 5
     assert rows[-1]["final"] and rows[-1]["step"] == 60
     rejoined = [e for e in by["joined"] if e["peer"] == "p1"]
     assert rejoined[-1]["resumed_from"] == resumed[0]["resumed_from"]
