@@ -1,0 +1,119 @@
+"""The Session (library API) against hostile peers on real hivemind (127.0.0.1): bad blobs never become teachers."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from p2pcod import codec
+from p2pcod.config import ExchangeConfig
+from p2pcod.distill import DistillConfig
+from p2pcod.session import CODEC_ID, Session
+from p2pcod.swarm.dht import Membership
+from p2pcod.swarm.records import PeerRecord
+from p2pcod.swarm.transfer import Transfer
+
+LOCAL = ["/ip4/127.0.0.1/tcp/0"]
+SWARM = "t-session"
+
+
+def build(cfg):
+    torch.manual_seed(cfg.get("seed", 0))
+    return torch.nn.Sequential(torch.nn.Linear(cfg["width"], 64), torch.nn.ReLU(), torch.nn.Linear(64, 5))
+
+
+def wait_for(cond, timeout=30.0, every=0.3):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(every)
+    return cond()
+
+
+@pytest.fixture
+def honest(tmp_path):
+    model = build({"width": 16})
+    exchange = ExchangeConfig(topology="full", reload_every=5, ttl=10.0, heartbeat=1.0)
+    s = Session.join(swarm=SWARM, name="honest", identity_dir=tmp_path / "honest", host_maddrs=LOCAL,
+                     model=model, model_cfg={"width": 16}, task="toy", build_model=build, kind="multiclass",
+                     exchange=exchange, distill_cfg=DistillConfig())
+    s.fetcher.policy.backoff = 0.2  # retry quickly so the test sees repeated offences
+    s.fetcher.interval = 0.2
+    yield s
+    s.close()
+
+
+class Adversary:
+    """A peer written on the swarm layer directly: it announces whatever record and serves whatever bytes."""
+
+    def __init__(self, tmp_path, via: Session, name: str) -> None:
+        self.m = Membership(SWARM, identity_dir=tmp_path / name, initial_peers=via.visible_maddrs(),
+                            host_maddrs=LOCAL, ttl=10.0)
+        self.t = Transfer(self.m)
+        self.name = name
+
+    def offer(self, blob: bytes, step: int, model_cfg: dict, fingerprint: str, announce_digest: str | None = None):
+        digest = codec.digest(blob)
+        self.t.publish(blob, digest)
+        self.m.announce(PeerRecord(
+            name=self.name, peer_id=self.m.peer_id, step=step, digest=announce_digest or digest, size=len(blob),
+            codec=CODEC_ID, task="toy", model_cfg=model_cfg, fingerprint=fingerprint, time=time.time()))
+
+    def close(self):
+        self.t.close()
+        self.m.shutdown()
+
+
+def test_hostile_blobs_are_rejected_and_the_offender_banned(tmp_path, honest):
+    bad = Adversary(tmp_path, honest, "mallory")
+    try:
+        good_state = build({"width": 16, "seed": 1}).state_dict()
+        good_fp = codec.fingerprint(good_state)
+        valid = codec.encode(good_state, {"peer": "mallory"})
+        corrupt = bytearray(valid)
+        corrupt[len(corrupt) // 2] ^= 0xFF
+        wrong_arch = codec.encode(build({"width": 24}).state_dict(), {})
+        attacks = [
+            dict(blob=bytes(corrupt), step=5, model_cfg={"width": 16}, fingerprint=good_fp),  # bit flip, right digest
+            dict(blob=b"\x00" * 4096, step=10, model_cfg={"width": 16}, fingerprint=good_fp),  # garbage
+            dict(blob=wrong_arch, step=15, model_cfg={"width": 16}, fingerprint=good_fp),  # fingerprint lies
+            dict(blob=wrong_arch, step=20, model_cfg={"width": 16},  # honest fingerprint, config lies
+                 fingerprint=codec.fingerprint(build({"width": 24}))),
+            dict(blob=valid, step=25, model_cfg={"width": 16}, fingerprint=good_fp,
+                 announce_digest="ab" * 32),  # announces a digest it does not serve
+        ]
+        for i, attack in enumerate(attacks, 1):
+            bad.offer(**attack)
+            assert wait_for(lambda i=i: honest.fetcher.stats["failed"] >= i, 30), f"attack {i} not attempted"
+            assert len(honest.teachers) == 0, f"attack {i} produced a teacher"
+        health = honest.fetcher.health[bad.m.peer_id]
+        assert health.offences >= len(attacks)
+        assert health.banned_until > time.monotonic()  # 5 strikes: banned for a while
+        # while banned, even a valid checkpoint from it is not fetched
+        bad.offer(valid, 30, {"width": 16}, good_fp)
+        time.sleep(1.5)
+        assert len(honest.teachers) == 0
+    finally:
+        bad.close()
+
+
+def test_valid_peer_becomes_a_teacher(tmp_path, honest):
+    """The positive control for the test above: the same path with an honest blob yields a teacher."""
+    peer = Adversary(tmp_path, honest, "bob")
+    try:
+        state = build({"width": 16, "seed": 2}).state_dict()
+        peer.offer(codec.encode(state, {}), 5, {"width": 16}, codec.fingerprint(state))
+        assert wait_for(lambda: honest.teachers.names() == ["bob"], 30)
+        x = torch.randn(3, 16)
+        target = honest.predict(x)
+        assert target is not None and target.shape == (3, 5)
+        assert torch.allclose(target.sum(-1), torch.ones(3), atol=1e-5)
+        loss = honest.distill_loss(honest.model(x), x, step=10)
+        assert loss.item() > 0
+        stats = honest.stats()
+        assert stats["teachers"] == 1 and stats["bytes_in"] > 0 and stats["fetch_ok"] == 1
+    finally:
+        peer.close()
