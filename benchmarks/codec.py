@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", choices=["synthetic", "lm"], default="synthetic",
                     help="synthetic transformer shapes, or an initialised LM-task model (p2pcod.tasks)")
     ap.add_argument("--block", type=int, default=256)
-    ap.add_argument("--level", type=int, default=3)
+    ap.add_argument("--level", type=int, default=1)
     ap.add_argument("--threads", type=int, default=-1, help="zstd worker threads (-1: all cores)")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--json", action="store_true", help="print one JSON object")

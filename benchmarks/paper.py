@@ -23,6 +23,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "runs" / "paper"
 DOCS = ROOT / "docs"
+FIG_SUFFIX = ""
 sys.path.insert(0, str(ROOT))
 
 from p2pcod.churn import churn_runs, mean_and_half_range  # noqa: E402
@@ -90,7 +91,7 @@ def plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str, path: Pat
     ax.legend()
     fig.tight_layout()
     DOCS.mkdir(exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path.with_name(f"{path.stem}{FIG_SUFFIX}{path.suffix}"), dpi=110)
     plt.close(fig)
 
 
@@ -205,7 +206,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--pairs", type=int, default=3, help="retrain pairs (churn) / seeds (int8)")
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--tag", default="", help="suffix for the runs/ and docs/ names (e.g. a longer horizon)")
     args = ap.parse_args()
+    global RUNS, FIG_SUFFIX
+    RUNS = RUNS.parent / f"paper{args.tag}" if args.tag else RUNS
+    FIG_SUFFIX = args.tag
     names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
     results = {}
     for name in names:

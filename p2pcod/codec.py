@@ -71,7 +71,7 @@ class CodecOptions:
     block: int = 256  # elements per absmax block
     keep_dtype: str = "fp32"  # "fp32" or "fp16": how small / 1-D float tensors are stored
     min_quant_numel: int = 1024  # float tensors with fewer elements, or ndim <= 1, are kept
-    level: int = 3  # zstd level
+    level: int = 1  # zstd level: 1 gives the same ratio as 3 on int8 weights, faster
     threads: int = -1  # zstd worker threads (-1 = all cores)
 
 

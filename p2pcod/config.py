@@ -63,7 +63,7 @@ class ExchangeConfig:
     edges: tuple[tuple[str, str], ...] = ()  # explicit (teacher, student) pairs for topology "edges"
     block: int = 256  # codec absmax block
     keep_dtype: str = "fp32"  # how the codec stores 1-D / small float tensors
-    level: int = 3  # zstd level
+    level: int = 1  # zstd level (1: same ratio as higher levels on int8 weights, fastest)
     max_blob_mb: float = 2048.0  # refuse checkpoints larger than this
     upload_mbit: float = 0.0  # upload cap in Mbit/s; 0 = unlimited
     download_mbit: float = 0.0
