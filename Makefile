@@ -24,8 +24,11 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# A ring of three lm-tiny peers on 127.0.0.1, then the same peers alone; writes a report.
 demo: $(STAMP)
-	$(BIN)/python benchmarks/codec.py --quick
+	@$(BIN)/p2pcod simulate topologies/demo-3.toml > .demo-run
+	@echo "demo report: $$(cat .demo-run)/summary.md (plots: $$(cat .demo-run)/*.png)"
+	@rm -f .demo-run
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/codec.py

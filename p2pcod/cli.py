@@ -66,6 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a recipe key (repeatable)")
     p.set_defaults(func=cmd_peer)
 
+    p = sub.add_parser("simulate", help="run N real peers on this machine from an experiment spec, then report")
+    p.add_argument("spec", help="experiment spec TOML, e.g. topologies/ring-4.toml")
+    p.add_argument("--run-dir", default=None, help="where the run goes (default runs/<spec>-<time>)")
+    p.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("report", help="plots and summary.md of a simulation or training run")
+    p.add_argument("run_dir")
+    p.add_argument("--baseline", default=None, help="another run to compare with (e.g. the independent peers)")
+    p.add_argument("--target", type=float, default=None, help="target validation loss (default: the baseline's best)")
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("churn", help="prediction churn between two finished runs")
     p.add_argument("runs", nargs=2, metavar="RUN_DIR")
     p.set_defaults(func=cmd_churn)
@@ -170,6 +182,22 @@ def cmd_peer(args: argparse.Namespace) -> int:
     finally:
         progress.close()
     print(json.dumps({"run_dir": str(opts.run_dir), **record}, default=str))
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from p2pcod.sim import run_simulation
+
+    run_dir = run_simulation(args.spec, args.run_dir, progress=lambda line: print(line, file=sys.stderr, flush=True),
+                             report=not args.no_report)
+    print(run_dir)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from p2pcod.report import write_report
+
+    print(write_report(args.run_dir, baseline=args.baseline, target=args.target))
     return 0
 
 
