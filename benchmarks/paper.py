@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "runs" / "paper"
 DOCS = ROOT / "docs"
 FIG_SUFFIX = ""
+EXTRA_SETS: list[str] = []
 sys.path.insert(0, str(ROOT))
 
 from p2pcod.churn import churn_runs, mean_and_half_range  # noqa: E402
@@ -40,7 +41,7 @@ def train(run_dir: Path, recipe: str, models: int, sets: list[str], ensemble: bo
         shutil.rmtree(run_dir)  # an unfinished run: start it again
     cmd = [sys.executable, "-m", "p2pcod", "train", "--config", str(ROOT / "peers" / recipe),
            "--models", str(models), "--run-dir", str(run_dir), "--set", "train.threads=1"]
-    for s in sets:
+    for s in EXTRA_SETS + sets:
         cmd += ["--set", s]
     if ensemble:
         cmd.append("--ensemble")
@@ -206,9 +207,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--pairs", type=int, default=3, help="retrain pairs (churn) / seeds (int8)")
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="recipe override for every run of the experiment (repeatable)")
     ap.add_argument("--tag", default="", help="suffix for the runs/ and docs/ names (e.g. a longer horizon)")
     args = ap.parse_args()
     global RUNS, FIG_SUFFIX
+    EXTRA_SETS.extend(args.sets)
     RUNS = RUNS.parent / f"paper{args.tag}" if args.tag else RUNS
     FIG_SUFFIX = args.tag
     names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
