@@ -156,15 +156,20 @@ class Recipe:
         )
 
 
-def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
-    """Read a recipe TOML file and apply `section.key=value` overrides (values parsed as TOML)."""
+def read_toml(path: str | Path, what: str) -> dict[str, Any]:
+    """Parse a TOML file; ConfigError saying which `what` (recipe, spec...) is missing or malformed."""
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"recipe {path} does not exist") from None
+        raise ConfigError(f"{what} {path} does not exist") from None
     except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"recipe {path} is not valid TOML: {err}") from None
+        raise ConfigError(f"{what} {path} is not valid TOML: {err}") from None
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Read a recipe TOML file and apply `section.key=value` overrides (values parsed as TOML)."""
+    raw = read_toml(path, "recipe")
     apply_overrides(raw, overrides)
     return Recipe.from_dict(raw, source=str(path))
 

@@ -15,9 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
-from p2pcod.config import Recipe, apply_overrides
+from p2pcod.config import Recipe, load_recipe, read_toml
 from p2pcod.errors import ConfigError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -98,12 +96,7 @@ class SimSpec:
 def load_spec(path: str | Path, cores: int | None = None) -> SimSpec:
     """Read and fully validate a spec file; raises ConfigError naming the offending key."""
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"spec {path} does not exist") from None
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"spec {path} is not valid TOML: {err}") from None
+    raw = read_toml(path, "spec")
     try:
         return parse_spec(raw, path, cores=cores)
     except ConfigError as err:
@@ -204,12 +197,7 @@ def _peer(i: int, table: Mapping[str, Any], swarm: Mapping[str, Any], default_re
 
 def _load_recipe(path: Path, overrides: Sequence[str], who: str) -> Recipe:
     try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"recipe {path} is not valid TOML: {err}") from None
-    try:
-        apply_overrides(raw, overrides)
-        recipe = Recipe.from_dict(raw, source=str(path))
+        recipe = load_recipe(path, overrides)
         recipe.exchange.topology_config()  # validates the topology name and its parameters
     except ConfigError as err:
         raise ConfigError(f"{who}: {err}") from None
