@@ -114,6 +114,10 @@ class _Progress:
     def __call__(self, record: dict[str, Any]) -> None:
         keys = ("train_loss", "distill_loss", "val_loss", "teachers", "bytes_in", "bytes_out")
         shown = {k: record[k] for k in keys if k in record}
+        if record.get("staleness"):
+            shown["stale"] = max(record["staleness"].values())  # steps behind, of the stalest teacher
+        if record.get("time"):
+            shown["steps/s"] = round(record["step"] / record["time"], 1)
         if self.bar is not None:
             self.bar.update(record["step"] - self.last)
             self.bar.set_postfix(shown)
