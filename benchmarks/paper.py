@@ -82,7 +82,7 @@ def plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str, path: Pat
         ax.axhline(target, color="grey", linestyle=":", linewidth=1, label=f"target {target:.3f}")
     ax.set_xlabel("training step")
     ax.set_ylabel("validation loss (nats per byte)" if "lm" in title else "validation loss")
-    ax.set_title(title)
+    ax.set_title(f"{title} [{FIG_SUFFIX.strip('-')}]" if FIG_SUFFIX else title)
     lows = [y[len(y) // 3:].min() for _, y in curves.values() if len(y)]
     highs = [y[len(y) // 3:].max() for _, y in curves.values() if len(y)]
     if lows:
