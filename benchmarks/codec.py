@@ -70,6 +70,14 @@ def lm_state_dict(params: int) -> dict[str, torch.Tensor] | None:
     return {k: v.detach() for k, v in model.state_dict().items()}
 
 
+def trained_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """The model weights of a local checkpoint (of one peer, or model 0 of an in-process group)."""
+    from p2pcod import checkpoint
+
+    state = checkpoint.load(path)
+    return state["models"][0]["model"] if "models" in state else state["model"]
+
+
 def best_of(fn: Callable[[], object], repeat: int) -> tuple[float, object]:
     times, out = [], None
     for _ in range(repeat):
@@ -101,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--init", choices=["normal", "uniform"], default="normal", help="weight distribution")
     ap.add_argument("--model", choices=["synthetic", "lm"], default="synthetic",
                     help="synthetic transformer shapes, or an initialised LM-task model (p2pcod.tasks)")
+    ap.add_argument("--checkpoint", default=None,
+                    help="measure a trained model instead: a local checkpoint.ckpt of `p2pcod train` or `p2pcod peer`")
     ap.add_argument("--block", type=int, default=256)
     ap.add_argument("--level", type=int, default=1)
     ap.add_argument("--threads", type=int, default=-1, help="zstd worker threads (-1: all cores)")
@@ -109,7 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     params, repeat = (1_000_000, min(args.repeat, 2)) if args.quick else (args.params, args.repeat)
 
-    if args.model == "lm":
+    if args.checkpoint:
+        sd = trained_state_dict(args.checkpoint)
+        args.model, args.init = f"trained {args.checkpoint}", "trained"
+    elif args.model == "lm":
         sd = lm_state_dict(params)
         if sd is None:
             return 0
