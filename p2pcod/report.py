@@ -458,7 +458,8 @@ def _plot_staleness(axes, run: RunData, matched: dict[str, PeerRun], colours, _t
     axes[1].set(xlabel="training step", ylabel="mean teacher staleness (steps)", title="teacher staleness")
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, ncol=2)
+        if ax.get_legend_handles_labels()[0]:  # the baseline alone has no teachers to draw
+            ax.legend(fontsize=8, ncol=2)
 
 
 def _mark_faults(ax, run: RunData) -> None:
