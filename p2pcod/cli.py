@@ -178,7 +178,7 @@ def cmd_peer(args: argparse.Namespace) -> int:
         print(f"peer {name} in swarm {args.swarm!r} listening on:", file=sys.stderr)
         for a in maddrs:
             print(f"  {a}", file=sys.stderr)
-        print("another machine joins with:\n  " + join_command(maddrs[:1], opts, args.config), file=sys.stderr,
+        print("another machine joins with:\n  " + join_command(maddrs, opts, args.config), file=sys.stderr,
               flush=True)
 
     try:

@@ -74,7 +74,9 @@ def install_signal_handlers(stop: threading.Event) -> None:
 
 
 def join_command(maddrs: Sequence[str], opts: PeerOptions, config: str) -> str:
-    joins = " ".join(f"--join {a}" for a in maddrs)
+    """The command another machine runs to join; loopback addresses only when there is nothing else."""
+    public = [a for a in maddrs if not a.startswith(("/ip4/127.", "/ip6/::1/"))]
+    joins = " ".join(f"--join {a}" for a in (public or list(maddrs))[:1])
     return f"p2pcod peer --config {config} --swarm {opts.swarm} {joins} --name OTHER_NAME --shard 1/{opts.num_shards}"
 
 
