@@ -1,6 +1,7 @@
 """Tasks: a model factory, training shards, held-out validation data and the task loss.
 
-`get_task(cfg)` builds one from a recipe's [task] table (with its "name").
+`get_task(cfg)` builds one from a recipe's [task] table (with its "name"). The key `poison` (any task; default
+"none") wraps it in a PoisonedTask whose training targets are corrupted: see POISONS and docs/POISONING.md.
 """
 
 from __future__ import annotations
@@ -9,9 +10,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from p2pcod.errors import ConfigError
-from p2pcod.tasks.base import SPLITS, Batch, Task
+from p2pcod.tasks.base import POISONS, SPLITS, Batch, PoisonedTask, Task
 
-__all__ = ["SPLITS", "TASKS", "Batch", "Task", "get_task", "task_class"]
+__all__ = ["POISONS", "SPLITS", "TASKS", "Batch", "PoisonedTask", "Task", "get_task", "poison_of", "task_class"]
 
 TASKS = ("lm", "ctr")
 
@@ -29,6 +30,14 @@ def task_class(name: str) -> type[Task]:
     raise ConfigError(f"unknown task.name {name!r}; known tasks: {', '.join(TASKS)}")
 
 
+def poison_of(cfg: Mapping[str, Any]) -> str:
+    """The [task] table's `poison` ("none" when absent), checked without building the task (cheap)."""
+    poison = cfg.get("poison", "none")
+    if not isinstance(poison, str) or poison not in POISONS:
+        raise ConfigError(f"task.poison must be one of {', '.join(POISONS)}; got {poison!r}")
+    return poison
+
+
 def get_task(cfg: Mapping[str, Any]) -> Task:
     """The task named by cfg["name"], built from the other keys of the [task] table."""
     if not isinstance(cfg, Mapping) or "name" not in cfg:
@@ -36,4 +45,6 @@ def get_task(cfg: Mapping[str, Any]) -> Task:
     name = cfg["name"]
     if not isinstance(name, str):
         raise ConfigError(f"task.name must be a string, got {name!r}; known tasks: {', '.join(TASKS)}")
-    return task_class(name)({k: v for k, v in cfg.items() if k != "name"})
+    poison = poison_of(cfg)
+    task = task_class(name)({k: v for k, v in cfg.items() if k not in ("name", "poison")})
+    return task if poison == "none" else PoisonedTask(task, poison)

@@ -144,3 +144,109 @@ def balanced_assignment(sizes: list[int], keys: list[str], num_shards: int) -> l
         load[s] += sizes[i]
         count[s] += 1
     return out
+
+
+# ---- poisoned peers -------------------------------------------------------------------------------
+
+# task.poison: how a poisoned peer corrupts its training labels (validation stays honest).
+#   shuffle-labels  targets moved between the examples of each batch (a derangement: no example keeps its own)
+#   random-labels   targets replaced by uniform random classes (lm: random bytes; ctr: fair coin flips)
+#   permute-labels  every class mapped through one fixed derangement of the classes (lm: a permutation of
+#                   the byte values; ctr: labels flipped): a confident, consistently wrong model
+POISONS = ("none", "shuffle-labels", "random-labels", "permute-labels")
+_POISON_SALT = 0x9015  # keeps the poison's randomness apart from the data stream's
+
+
+def _derangement(n: int, rng: np.random.Generator) -> np.ndarray:
+    """A random permutation of range(n) with no fixed point (n >= 2): a random cycle order, shifted by one."""
+    order = rng.permutation(n)
+    out = np.empty(n, dtype=np.int64)
+    out[order] = np.roll(order, -1)
+    return out
+
+
+class PoisonedTask(Task):
+    """Any Task whose train_batches() yield corrupted targets; the model, loss and validation are the inner's.
+
+    The corruption of step s depends only on (seed, shard, num_shards, split, s), so a resumed stream is
+    identical to an uninterrupted one, as for the clean tasks.
+    """
+
+    def __init__(self, inner: Task, poison: str) -> None:
+        if poison not in POISONS or poison == "none":
+            raise ConfigError(f"task.poison must be one of {', '.join(POISONS)}; got {poison!r}")
+        super().__init__(inner.cfg)
+        self.inner = inner
+        self.poison = poison
+        self.name = inner.name  # type: ignore[misc]
+        self.kind = inner.kind  # type: ignore[misc]
+        self._classes: int | None = None
+        self._class_map: torch.Tensor | None = None
+
+    def __getattr__(self, attr: str) -> Any:
+        # task-specific helpers (shard_files, shard_rows, seq_len, ...) are the inner task's
+        if attr == "inner":
+            raise AttributeError(attr)
+        return getattr(self.inner, attr)
+
+    def classes(self) -> int:
+        """Number of classes of a multiclass task (the length of its unigram distribution)."""
+        if self._classes is None:
+            self._classes = int(self.inner.unigram().numel())
+        return self._classes
+
+    def class_map(self) -> torch.Tensor:
+        """permute-labels: the fixed derangement of the classes (the same on every peer and every run)."""
+        if self._class_map is None:
+            rng = np.random.default_rng([_POISON_SALT, self.classes()])
+            self._class_map = torch.from_numpy(_derangement(self.classes(), rng))
+        return self._class_map
+
+    def build_model(self, model_cfg: Mapping[str, Any]) -> nn.Module:
+        return self.inner.build_model(model_cfg)
+
+    def train_batches(
+        self, shard: int, num_shards: int, *, split: str, batch_size: int, seed: int, start_step: int = 0
+    ) -> Iterator[Batch]:
+        clean = self.inner.train_batches(
+            shard, num_shards, split=split, batch_size=batch_size, seed=seed, start_step=start_step
+        )
+        return self._stream(clean, shard, num_shards, split, seed, start_step)
+
+    def _stream(
+        self, clean: Iterator[Batch], shard: int, num_shards: int, split: str, seed: int, step: int
+    ) -> Iterator[Batch]:
+        for batch in clean:
+            rng = np.random.default_rng([_POISON_SALT, seed, shard, num_shards, SPLITS.index(split), step])
+            yield Batch(x=batch.x, y=self.corrupt(batch.y, rng))
+            step += 1
+
+    def corrupt(self, y: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        """The poisoned targets of one batch (a new tensor, same shape and dtype as y)."""
+        if self.poison == "shuffle-labels":
+            if y.shape[0] < 2:
+                return y.clone()
+            return y[torch.from_numpy(_derangement(y.shape[0], rng))]
+        if self.poison == "random-labels":
+            if self.kind == "binary":
+                return torch.from_numpy(rng.integers(0, 2, size=tuple(y.shape))).to(y.dtype)
+            return torch.from_numpy(rng.integers(0, self.classes(), size=tuple(y.shape))).to(y.dtype)
+        # permute-labels
+        if self.kind == "binary":
+            return (1 - y).to(y.dtype)
+        return self.class_map()[y.long()].to(y.dtype)
+
+    def val_batches(self, batch_size: int, max_batches: int) -> list[Batch]:
+        return self.inner.val_batches(batch_size, max_batches)
+
+    def loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return self.inner.loss(logits, batch)
+
+    def flat_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.inner.flat_logits(logits)
+
+    def unigram(self) -> torch.Tensor:
+        return self.inner.unigram()
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.inner.describe(), "poison": self.poison}
