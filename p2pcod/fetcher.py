@@ -116,7 +116,8 @@ class Fetcher:
         for dropped in self.teachers.retain(wanted):
             self.held.pop(dropped, None)
             log.info("dropped teacher %s (left the swarm or no longer a neighbour)", dropped)
-        for name in wanted:
+        # peers that failed us before go last: a staller costs the others at most one timeout per round
+        for name in sorted(wanted, key=lambda n: self._offences(by_name[n].peer_id)):
             if self._stop.is_set() or self._paused():
                 return
             record = by_name[name]
@@ -149,6 +150,10 @@ class Fetcher:
         if record.peer_id not in self._warned:
             log.warning(message)
             self._warned.add(record.peer_id)
+
+    def _offences(self, peer_id: str) -> int:
+        h = self.health.get(peer_id)
+        return 0 if h is None else h.offences
 
     def _may_try(self, record: PeerRecord) -> bool:
         h = self.health.get(record.peer_id)

@@ -5,8 +5,9 @@ Wire protocol `/p2pcod/<swarm>/blob/1`, one blob per stream:
     server -> client   1 status byte; if OK: 8-byte big-endian size, then the blob; then the stream closes.
 The client trusts nothing: it refuses an announced size above its limit before connecting, stops as soon
 as the size header or the byte count disagrees with the signed record, bounds the whole fetch by a
-timeout and checks the sha256. The server bounds the request, its concurrent uploads and each upload's
-duration, so that a flood or a client that stops reading cannot hold it forever.
+timeout and checks the sha256. The server bounds the request, its concurrent uploads, the streams one
+remote peer may hold open at once and each upload's duration, so that a flood or a client that stops
+reading cannot hold it forever nor crowd out the other peers.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ _STATUS_TEXT = {
 }
 _DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 MAX_HANDSHAKES = 64  # connections still sending their request; more are refused at once
+MAX_STREAMS_PER_PEER = 4  # open blob streams (request or upload) from one remote peer; more are refused
 
 
 class TransferError(SwarmError):
@@ -126,9 +128,10 @@ class Transfer:
         request_timeout: float = 10.0,
         upload_stall_timeout: float = 30.0,
         upload_timeout: float = 600.0,
+        max_streams_per_peer: int = MAX_STREAMS_PER_PEER,
     ) -> None:
-        if chunk_size < 1024 or max_concurrent_uploads < 1:
-            raise ValueError("chunk_size must be >= 1024 and max_concurrent_uploads >= 1")
+        if chunk_size < 1024 or max_concurrent_uploads < 1 or max_streams_per_peer < 1:
+            raise ValueError("chunk_size must be >= 1024, max_concurrent_uploads and max_streams_per_peer >= 1")
         self.membership = membership
         self.name = protocol_name(membership.swarm)
         self.chunk_size = int(chunk_size)
@@ -136,6 +139,7 @@ class Transfer:
         self.request_timeout = request_timeout
         self.upload_stall_timeout = upload_stall_timeout
         self.upload_timeout = upload_timeout
+        self.max_streams_per_peer = int(max_streams_per_peer)
         self.upload_bucket = TokenBucket(upload_rate)
         self.download_bucket = TokenBucket(download_rate)
         self.stats: dict[str, int] = dict.fromkeys(
@@ -149,6 +153,7 @@ class Transfer:
                 "uploads_refused",
                 "not_found",
                 "bad_requests",
+                "flood_refused",
             ),
             0,
         )
@@ -157,6 +162,8 @@ class Transfer:
         self._blobs_lock = threading.Lock()
         self._uploading = 0  # loop-thread only
         self._handshaking = 0  # loop-thread only
+        self._per_peer: dict[str, int] = {}  # remote peer id -> its open streams; loop-thread only
+        self._flood_warned: set[str] = set()  # loop-thread only
         self._tasks: set[asyncio.Task] = set()  # loop-thread only
         self._closed = False
         # While this returns True every upload is cut at once (the simulator's partitions use it).
@@ -193,7 +200,18 @@ class Transfer:
         if task is not None:
             self._tasks.add(task)
         ok = False
+        peer = str(getattr(info, "peer_id", "?"))
+        self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
         try:
+            if self._per_peer[peer] > self.max_streams_per_peer:
+                # one peer flooding us must not take the handshake and upload slots of all the others
+                self._count("flood_refused")
+                if peer not in self._flood_warned and len(self._flood_warned) < 10_000:
+                    self._flood_warned.add(peer)
+                    log.warning("peer %s opened more than %d blob streams at once; refusing the excess",
+                                peer, self.max_streams_per_peer)
+                await self._reply(writer, BUSY)
+                return
             digest = await self._read_request(reader, writer)
             if digest is None:
                 return
@@ -222,6 +240,11 @@ class Transfer:
             log.info("upload to %s failed: %s", getattr(info, "peer_id", "?"), type(err).__name__)
         finally:
             self._tasks.discard(task)
+            left = self._per_peer.get(peer, 1) - 1
+            if left > 0:
+                self._per_peer[peer] = left
+            else:
+                self._per_peer.pop(peer, None)
             if ok:
                 writer.close()
             else:
