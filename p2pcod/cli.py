@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -62,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
     p.add_argument("--linger", type=float, default=0.0, help="keep serving this many seconds after training")
     p.add_argument("--control", default=None, help="JSON control file (simulator): {\"cut_off_until\": unix time}")
+    p.add_argument("--device", default="auto", choices=("cpu", "cuda", "auto"),
+                   help="train on cpu, cuda or auto (cuda when present; teachers in bf16 there). Under torchrun "
+                        "--nproc-per-node N the peer is a group of N data-parallel ranks; rank 0 joins the swarm")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a recipe key (repeatable)")
     p.set_defaults(func=cmd_peer)
@@ -103,9 +107,9 @@ def _default_run_dir(config: str, suffix: str) -> Path:
 class _Progress:
     """A progress bar on a terminal, plain log lines otherwise."""
 
-    def __init__(self, total: int, start: int = 0) -> None:
+    def __init__(self, total: int, start: int = 0, quiet: bool = False) -> None:
         self.bar = None
-        if sys.stderr.isatty():
+        if sys.stderr.isatty() and not quiet:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
@@ -167,12 +171,13 @@ def cmd_peer(args: argparse.Namespace) -> int:
         name=name, swarm=args.swarm, run_dir=Path(args.run_dir or Path("runs") / name), join=args.join,
         listen=args.listen or ["/ip4/0.0.0.0/tcp/0"], announce=args.announce, shard=shard,
         num_shards=num_shards, resume=args.resume, linger=args.linger,
-        control=Path(args.control) if args.control else None,
+        control=Path(args.control) if args.control else None, device=args.device,
     )
+    rank = os.environ.get("RANK", "0") or "0"
     if (opts.run_dir / "checkpoint.ckpt").exists() and not args.resume:
         raise P2pcodError(f"{opts.run_dir} already holds a run: pass --resume or choose another --run-dir")
     install_signal_handlers(opts.stop)
-    progress = _Progress(recipe.train.steps)
+    progress = _Progress(recipe.train.steps) if rank == "0" else _Progress(0, quiet=True)
 
     def on_start(maddrs: list[str]) -> None:
         print(f"peer {name} in swarm {args.swarm!r} listening on:", file=sys.stderr)
@@ -185,7 +190,8 @@ def cmd_peer(args: argparse.Namespace) -> int:
         record = run_peer(recipe, opts, on_start=on_start, progress=progress)
     finally:
         progress.close()
-    print(json.dumps({"run_dir": str(opts.run_dir), **record}, default=str))
+    if rank == "0":
+        print(json.dumps({"run_dir": str(opts.run_dir), **record}, default=str))
     return 0
 
 

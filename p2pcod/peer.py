@@ -5,6 +5,9 @@ pools), then the task and the model, then the training loop: every step the sess
 (it publishes every `reload_every` steps), metrics go to RUN_DIR/metrics.jsonl with the swarm's
 counters, a local checkpoint is written every `checkpoint_every` steps, and SIGINT/SIGTERM end the
 loop at a step boundary with a final checkpoint, leaving the swarm cleanly.
+
+Under torchrun the peer is a group of ranks (p2pcod/group.py): rank 0 does all of the above, the other
+ranks only train (DistributedDataParallel) with the teachers rank 0 broadcasts at step boundaries.
 """
 
 from __future__ import annotations
@@ -24,10 +27,12 @@ import torch
 
 from p2pcod.config import Recipe
 from p2pcod.errors import ConfigError
+from p2pcod.group import DebugLog, Group, TeacherSync
 from p2pcod.session import Session
 from p2pcod.swarm.dht import Membership
 from p2pcod.tasks import get_task
-from p2pcod.trainer import Trainer
+from p2pcod.teachers import TeacherPool
+from p2pcod.trainer import Trainer, seed_for
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +52,7 @@ class PeerOptions:
     resume: bool = False
     linger: float = 0.0  # keep serving this many seconds after the last step
     control: Path | None = None  # JSON file re-read every second: {"cut_off_until": unix time}
+    device: str = "auto"  # cpu | cuda | auto (cuda when present)
     stop: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
@@ -86,40 +92,45 @@ def run_peer(
     on_start: Callable[[list[str]], None] | None = None,
     progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Train as a swarm member until the planned steps are done or `opts.stop` is set."""
+    """Train as a swarm member until the planned steps are done or `opts.stop` is set.
+
+    Under torchrun (WORLD_SIZE > 1) every rank calls this; rank 0 returns the final metrics record,
+    the others their own last one.
+    """
+    group = Group.from_env(opts.device)
     opts.run_dir.mkdir(parents=True, exist_ok=True)
-    membership = Membership(
+    if not group.is_root:
+        return _run_rank(recipe, opts, group)
+    membership = Membership(  # forks the DHT process: before torch and torch.distributed start threads
         opts.swarm, identity_dir=opts.run_dir / "identity", initial_peers=list(opts.join),
         host_maddrs=list(opts.listen), announce_maddrs=list(opts.announce), ttl=recipe.exchange.ttl,
     )
     session: Session | None = None
     trainer: Trainer | None = None
     try:
-        if recipe.train.threads:
-            torch.set_num_threads(recipe.train.threads)
-        task = get_task(recipe.task)
-        trainer = Trainer(recipe, task, shard=opts.shard, num_shards=opts.num_shards, run_dir=opts.run_dir)
-        resumed_from = None
-        if opts.resume:
-            if trainer.resume() is not None:
-                resumed_from = trainer.step
-            else:
-                log.warning("--resume: no checkpoint in %s, starting from step 0", opts.run_dir)
+        group.init()
+        task, trainer, resumed_from = _build_trainer(recipe, opts, group)
         session = Session(
             membership=membership, name=opts.name, model=trainer.model, model_cfg=recipe.model,
             task=task.name, build_model=task.build_model, kind=task.kind, distill_cfg=recipe.distill,
             exchange=recipe.exchange, start_step=trainer.step,
         )
-        trainer.teachers = session.teachers
+        sync = None
+        if group.distributed or group.device.type != "cpu":
+            # train with a pool that changes only at step boundaries, the same on every rank
+            trainer.teachers = _training_pool(recipe, task, group)
+            sync = TeacherSync(group, trainer.teachers, source=session.teachers)
+        else:
+            trainer.teachers = session.teachers
         session.start()
         if trainer.step > 0:
             session.publish_now(trainer.step)  # serve the resumed weights right away
         if opts.control is not None:
             _watch_control(opts.control, session, opts.stop)
-        _write_identity(opts, membership, resumed_from, trainer)
+        _write_identity(opts, membership, resumed_from, trainer, group)
         if on_start:
             on_start(membership.visible_maddrs())
-        return _train_loop(recipe, trainer, session, opts, progress, resumed_from)
+        return _train_loop(recipe, trainer, session, opts, progress, resumed_from, group, sync)
     finally:
         if session is not None:
             session.close()
@@ -127,23 +138,85 @@ def run_peer(
             membership.shutdown()
         if trainer is not None:
             trainer.close()
+        group.close()
+
+
+def _build_trainer(recipe: Recipe, opts: PeerOptions, group: Group):
+    """The task and this rank's Trainer (its slice of the peer's shard), resumed if asked, wrapped for the group."""
+    if recipe.train.threads:
+        torch.set_num_threads(recipe.train.threads)
+    task = get_task(recipe.task)
+    shard, num_shards = group.data_shard(opts.shard, opts.num_shards)
+    metrics = None if group.is_root else opts.run_dir / "ranks" / f"rank{group.rank}" / "metrics.jsonl"
+    trainer = Trainer(recipe, task, shard=shard, num_shards=num_shards, run_dir=opts.run_dir,
+                      seed=group.data_seed(seed_for(recipe, opts.shard)), device=group.device, metrics_path=metrics)
+    resumed_from = None
+    if opts.resume:
+        if trainer.resume() is not None:  # every rank loads rank 0's checkpoint
+            resumed_from = trainer.step
+            trainer.seed = group.data_seed(trainer.seed)  # the checkpoint holds rank 0's seed
+        elif group.is_root:
+            log.warning("--resume: no checkpoint in %s, starting from step 0", opts.run_dir)
+    trainer.train_model = group.wrap(trainer.model)  # DDP: rank 0's weights to every rank
+    return task, trainer, resumed_from
+
+
+def _training_pool(recipe: Recipe, task, group: Group) -> TeacherPool:
+    on_gpu = group.device.type == "cuda"
+    dtype = torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else None
+    return TeacherPool(task.build_model, recipe.distill, task.kind, device=group.device, dtype=dtype,
+                       max_teachers=recipe.exchange.max_teachers or None)
+
+
+def _run_rank(recipe: Recipe, opts: PeerOptions, group: Group) -> dict[str, Any]:
+    """A rank other than 0: train in step with rank 0, no swarm, no checkpoints."""
+    trainer: Trainer | None = None
+    debug = DebugLog(opts.run_dir, group.rank)
+    try:
+        group.init()
+        task, trainer, _ = _build_trainer(recipe, opts, group)
+        trainer.teachers = _training_pool(recipe, task, group)
+        sync = TeacherSync(group, trainer.teachers)
+        t = recipe.train
+        record: dict[str, Any] = {}
+        while not sync.step_boundary(trainer.step >= t.steps or opts.stop.is_set()):
+            trainer.train_step()
+            debug.write(trainer.step, trainer.model, trainer.teachers)
+            if trainer.due(t.log_every):
+                record = trainer.log(extra={"rank": group.rank})
+        return record
+    finally:
+        debug.close()
+        if trainer is not None:
+            trainer.close()
+        group.close()
 
 
 def _train_loop(recipe: Recipe, trainer: Trainer, session: Session, opts: PeerOptions,
-                progress: Callable[[dict[str, Any]], None] | None, resumed_from: int | None) -> dict[str, Any]:
+                progress: Callable[[dict[str, Any]], None] | None, resumed_from: int | None,
+                group: Group | None = None, sync: TeacherSync | None = None) -> dict[str, Any]:
     t = recipe.train
+    group = group or Group()
+    debug = DebugLog(opts.run_dir, group.rank)
     if trainer.step == 0:
         _log(trainer, session, evaluate=True, progress=progress)
     elif resumed_from is not None:
         _log(trainer, session, evaluate=True, progress=progress, extra={"resumed_from": resumed_from})
-    while trainer.step < t.steps and not opts.stop.is_set():
-        trainer.train_step()
-        session.step(trainer.step)
-        evaluate = trainer.due(t.eval_every)
-        if evaluate or trainer.due(t.log_every):
-            _log(trainer, session, evaluate=evaluate, progress=progress)
-        if trainer.step % t.checkpoint_every == 0:
-            trainer.save()
+    try:
+        while True:
+            stop = trainer.step >= t.steps or opts.stop.is_set()
+            if (sync.step_boundary(stop) if sync is not None else stop):
+                break
+            trainer.train_step()
+            debug.write(trainer.step, trainer.model, trainer.teachers)
+            session.step(trainer.step)
+            evaluate = trainer.due(t.eval_every)
+            if evaluate or trainer.due(t.log_every):
+                _log(trainer, session, evaluate=evaluate, progress=progress)
+            if trainer.step % t.checkpoint_every == 0:
+                trainer.save()
+    finally:
+        debug.close()
     trainer.save()
     record = _log(trainer, session, evaluate=True, progress=progress, extra={"final": True})
     session.publish_now(trainer.step)
@@ -186,12 +259,14 @@ def _watch_control(path: Path, session: Session, stop: threading.Event) -> None:
     threading.Thread(target=loop, name="p2pcod-control", daemon=True).start()
 
 
-def _write_identity(opts: PeerOptions, membership: Membership, resumed_from: int | None, trainer: Trainer) -> None:
+def _write_identity(opts: PeerOptions, membership: Membership, resumed_from: int | None, trainer: Trainer,
+                    group: Group) -> None:
     """RUN_DIR/peer.json: who this peer is and where it listens (read by the simulator and tests)."""
     info = {
         "name": opts.name, "swarm": opts.swarm, "peer_id": membership.peer_id,
         "maddrs": membership.visible_maddrs(), "resumed_from": resumed_from, "time": time.time(),
         "params": sum(p.numel() for p in trainer.model.parameters()),
+        "group_size": group.world_size, "device": str(group.device),
     }
     path = opts.run_dir / "peer.json"
     tmp = path.with_suffix(".json.tmp")

@@ -11,6 +11,7 @@ metrics as JSON lines, and keeps an atomic local checkpoint every `checkpoint_ev
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Iterator
@@ -83,6 +84,8 @@ class Trainer:
         teachers: TeacherPool | None = None,
         seed: int | None = None,
         val_batches: list[Batch] | None = None,
+        device: str | torch.device = "cpu",
+        metrics_path: str | Path | None = None,
     ) -> None:
         self.recipe = recipe
         self.task = task
@@ -91,12 +94,17 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.teachers = teachers
         self.seed = seed_for(recipe, shard) if seed is None else seed
+        self.device = torch.device(device)
         torch.manual_seed(self.seed)
-        self.model = task.build_model(recipe.model)
+        self.model = task.build_model(recipe.model).to(self.device)
+        # what train_step runs the batch through: the model itself, or a wrapper of it applied from outside
+        # (DistributedDataParallel in a group, see p2pcod/group.py); checkpoints and teachers use self.model
+        self.train_model: torch.nn.Module = self.model
         self.optimizer = build_optimizer(self.model.parameters(), recipe)
         self.step = 0
-        self.val = val_batches if val_batches is not None else self._val_batches()
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        val = val_batches if val_batches is not None else self._val_batches()
+        self.val = [to_device(b, self.device) for b in val]
+        self.metrics = MetricsLog(Path(metrics_path) if metrics_path else self.run_dir / "metrics.jsonl")
         self._batches: Iterator[Batch] | None = None
         self._unigram = task.unigram() if recipe.distill.target == "unigram" else None
         self._window: list[tuple[float, float, int]] = []  # (train loss, distill loss, teachers) since last log
@@ -115,7 +123,7 @@ class Trainer:
                 self.shard, self.num_shards, split=t.split, batch_size=t.batch_size,
                 seed=self.seed, start_step=self.step,
             )
-        return next(self._batches)
+        return to_device(next(self._batches), self.device)
 
     def _lr(self) -> float:
         t = self.recipe.train
@@ -141,7 +149,7 @@ class Trainer:
         batch = self._next_batch()
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr()
-        logits = self.model(batch.x)
+        logits = self.train_model(batch.x)
         task_loss = self.task.loss(logits, batch)
         target = self._distill_target(batch, logits)
         distill_loss = distill.loss(logits, target, cfg, self.task.kind, self.step)
@@ -204,8 +212,8 @@ class Trainer:
         return {
             "step": self.step,
             "seed": self.seed,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": _to_cpu(self.model.state_dict()),
+            "optimizer": _to_cpu(self.optimizer.state_dict()),
             "rng": checkpoint.rng_state(),
             "elapsed": time.time() - self._started,
         }
@@ -242,6 +250,25 @@ class Trainer:
         self.metrics.close()
 
 
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """The batch on `device` (the same object when it is already there)."""
+    if device.type == "cpu":
+        return batch
+    x = batch.x
+    x = x.to(device) if isinstance(x, torch.Tensor) else type(x)(v.to(device) for v in x)
+    return dataclasses.replace(batch, x=x, y=batch.y.to(device))
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu")
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
 def _batch_size(batch: Batch) -> int:
     return int(batch.y.shape[0])
 
@@ -256,7 +283,7 @@ def predictions_of(models: list[torch.nn.Module], task: Task, batches: list[Batc
             model.eval()
             p = _probabilities(task.flat_logits(model(batch.x)).float(), task.kind)
             probs = p if probs is None else probs + p
-        out.append((probs / len(models)).numpy())
+        out.append((probs / len(models)).cpu().numpy())
     return np.concatenate(out, axis=0)
 
 
