@@ -223,7 +223,7 @@ def weights_digest(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for key, value in model.state_dict().items():
         h.update(key.encode())
-        h.update(value.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(value.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

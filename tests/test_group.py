@@ -215,3 +215,37 @@ def test_teacher_sync_copies_only_at_step_boundaries():
     source.remove("a")
     sync.step_boundary(False)
     assert len(target) == 0 and sync.version == 2
+
+
+def test_weights_digest_is_bitwise():
+    model = torch.nn.Linear(3, 2)
+    model.register_buffer("count", torch.tensor(4.0))  # a 0-d buffer
+    same = torch.nn.Linear(3, 2)
+    same.register_buffer("count", torch.tensor(4.0))
+    same.load_state_dict(model.state_dict())
+    assert weights_digest(model) == weights_digest(same)
+    with torch.no_grad():
+        same.weight[0, 0] = torch.nextafter(same.weight[0, 0], torch.tensor(10.0))  # one ulp
+    assert weights_digest(model) != weights_digest(same)
+
+
+def test_trainer_metrics_path_and_device(tmp_path):
+    from p2pcod.trainer import Trainer
+
+    recipe = load_recipe(Path(__file__).resolve().parent.parent / "peers" / "lm-tiny.toml",
+                         ["model.layers=1", "model.width=16", "model.heads=2", "task.max_bytes=100000",
+                          "train.eval_batches=1", "train.eval_batch_size=4", "train.batch_size=4"])
+    task = get_task(recipe.task)
+    path = tmp_path / "ranks" / "rank1" / "metrics.jsonl"
+    trainer = Trainer(recipe, task, shard=3, num_shards=4, run_dir=tmp_path, device="cpu", metrics_path=path)
+    try:
+        wrapped = torch.nn.Sequential(trainer.model)  # a wrapper applied from outside, as DDP is
+        trainer.train_model = wrapped
+        before = weights_digest(trainer.model)
+        trainer.train_step()
+        assert weights_digest(trainer.model) != before  # training through the wrapper moves the model
+        trainer.log()
+    finally:
+        trainer.close()
+    assert json.loads(path.read_text().splitlines()[-1])["step"] == 1
+    assert not (tmp_path / "metrics.jsonl").exists()
