@@ -37,8 +37,10 @@ Spec (TOML; validated in full by p2pcod/simspec.py before any process starts):
     # duration_s = 20               # cut: how long the peer is cut off (via its --control file)
 
 Run directory (default runs/<spec stem>-<timestamp>): spec.toml (a copy), events.jsonl (every start,
-kill, restart, cut, exit with time, pid and step), peers/<name>/ (the peer's own run dir: metrics.jsonl,
-peer.json, checkpoint, identity/, control.json, peer.log with its stdout and stderr), then the report
+kill, restart, cut, exit with time, pid and step; kill, cut, heal and joined also carry `swarm_steps`, the
+last step of every running peer, which shows who kept training through a fault), peers/<name>/ (the
+peer's own run dir: metrics.jsonl, peer.json, checkpoint, identity/, control.json, peer.log with its stdout
+and stderr), then the report
 (p2pcod/report.py). Every peer runs in its own process group; at the end, on Ctrl+C/SIGTERM and on any
 error, each gets SIGTERM (it saves and leaves), then SIGKILL for the group; an atexit hook does the same.
 """
@@ -245,7 +247,7 @@ class Simulation:
             if self.elapsed >= until:
                 del self.heal_at[name]
                 peer = next(p for p in self.peers if p.name == name)
-                self._event("heal", peer)
+                self._event("heal", peer, swarm_steps=self._steps())
                 self.progress(f"{self._stamp()} {name:<8} partition over")
 
     def _check_joined(self, peer: PeerState) -> None:
@@ -261,7 +263,7 @@ class Simulation:
             _signal(peer.proc, signal.SIGSTOP)
         peer.maddrs = [str(a) for a in info.get("maddrs", [])]
         self._event("joined", peer, peer_id=info.get("peer_id"), peer_unix=info.get("time"),
-                    resumed_from=info.get("resumed_from"), params=info.get("params"))
+                    resumed_from=info.get("resumed_from"), params=info.get("params"), swarm_steps=self._steps())
 
     def _read_metrics(self, peer: PeerState, quiet: bool = False) -> None:
         path = peer.run_dir / "metrics.jsonl"
@@ -326,7 +328,7 @@ class Simulation:
         peer.proc.wait()
         _LIVE.discard(peer.proc)
         peer.killed_at = self.elapsed
-        self._event("kill", peer, fault=f.index)
+        self._event("kill", peer, fault=f.index, swarm_steps=self._steps())
         self.progress(f"{self._stamp()} {peer.name:<8} KILLED (SIGKILL) at step {peer.last_step}, pid {pid}")
         if not any(g.kind == "restart" and g.peer == f.peer for g in self.pending):
             peer.ended = True
@@ -345,8 +347,15 @@ class Simulation:
         tmp.write_text(json.dumps({"cut_off_until": until}))
         tmp.replace(control)
         self.heal_at[peer.name] = self.elapsed + f.duration_s
-        self._event("cut", peer, fault=f.index, duration_s=f.duration_s, until_unix=until)
+        self._event("cut", peer, fault=f.index, duration_s=f.duration_s, until_unix=until, swarm_steps=self._steps())
         self.progress(f"{self._stamp()} {peer.name:<8} CUT OFF for {f.duration_s:.0f} s at step {peer.last_step}")
+
+    def _steps(self) -> dict[str, int]:
+        """The last logged step of every peer now running (fault events carry it: who kept training)."""
+        for peer in self.peers:
+            if peer.proc is not None:
+                self._read_metrics(peer)
+        return {p.name: p.last_step for p in self.peers if p.running}
 
     # ---- processes ------------------------------------------------------------------------------
     def _command(self, peer: PeerState, resume: bool) -> list[str]:
