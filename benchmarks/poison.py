@@ -35,6 +35,11 @@ VARIANTS = {
         'name = "p4-poisoned"\n# the attacker also distils from the honest peers (alpha 1)\n'
         'set = { task = { poison = "permute-labels" } }\n',
     ),
+    "poisoned-5-mean-random-labels": (
+        "mean",
+        'name = "p4-poisoned"\n# a weaker attacker: uniform random targets (its model predicts ~uniform bytes)\n'
+        'set = { task = { poison = "random-labels" }, distill = { alpha = 0.0 } }\n',
+    ),
 }
 HONEST = ["p0", "p1", "p2", "p3"]  # honest in every run: the mean over them is comparable between runs
 
@@ -131,7 +136,7 @@ def plot(specs: list[Path], path: Path) -> None:
         ax.set_ylim(min(tail) - 0.03, max(tail) + 0.03)
     ax.set_xlabel("training step")
     ax.set_ylabel("mean validation loss of p0-p3 (nats per byte)")
-    ax.set_title("lm-tiny, 5 peers, p4 poisoned (permute-labels)")
+    ax.set_title("lm-tiny, 5 peers, full topology; p4 the attacker (if any)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -190,10 +190,10 @@ def _train(task, steps, val):
 def test_poisoned_models_validation_loss_stays_high(lm):
     val = lm.val_batches(16, 2)
     uniform = math.log(256)
-    clean = _train(lm, 50, val)
-    permuted = _train(_poisoned(lm, "permute-labels"), 50, val)
-    random = _train(_poisoned(lm, "random-labels"), 50, val)
-    assert clean < 3.4  # the honest model learns (from ln 256 = 5.55; ~2.8 here)
+    clean = _train(lm, 40, val)
+    permuted = _train(_poisoned(lm, "permute-labels"), 40, val)
+    random = _train(_poisoned(lm, "random-labels"), 40, val)
+    assert clean < 3.4  # the honest model learns (from ln 256 = 5.55; ~2.9 here)
     assert permuted > uniform + 0.5  # confidently wrong: worse than knowing nothing (~6.6 here)
     assert random > uniform - 0.3  # learns nothing about the text (~5.55 here)
     assert min(permuted, random) > clean + 2.0
