@@ -80,6 +80,8 @@ class Fetcher:
         self.stats = {"fetched": 0, "failed": 0, "rejected": 0, "bytes": 0, "banned": 0, "rounds": 0}
         self._warned: set[str] = set()  # peer ids already warned about
         self._owner: dict[str, str] = {}  # name -> the peer id that holds it
+        self._seen: dict[str, float] = {}  # peer id -> monotonic time its record was last listed
+        self.name_grace = 30.0  # s a name stays with a peer whose record is missing from the listing
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.neighbours: list[str] = []
@@ -129,10 +131,17 @@ class Fetcher:
 
         Names are labels anyone may announce, while a record's peer id is bound to its signing key. A name
         belongs to the first peer id seen with it for as long as that peer stays in the swarm (a restarted
-        peer keeps its id), so a newcomer cannot take over an honest peer's place by claiming its name.
+        peer keeps its id; a record missing from one listing keeps its name for `name_grace` s), so a
+        newcomer cannot take over an honest peer's place by claiming its name.
         """
+        now = time.monotonic()
         present = {r.peer_id for r in records}
-        self._owner = {n: pid for n, pid in self._owner.items() if pid in present}
+        for pid in present:
+            self._seen[pid] = now
+        # an owner missing from one listing (a partial DHT answer) keeps its name for name_grace seconds
+        self._owner = {n: pid for n, pid in self._owner.items()
+                       if pid in present or now - self._seen.get(pid, 0.0) < self.name_grace}
+        self._seen = {pid: t for pid, t in self._seen.items() if now - t < self.name_grace}
         out: dict[str, PeerRecord] = {}
         for r in records:
             if r.task != self.task:

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import struct
+import threading
 import time
 import zlib
 from collections.abc import Mapping
@@ -111,6 +113,10 @@ class Adversary:
         self.requests = 0  # blob requests received
         self._tasks: set[asyncio.Task] = set()
         self._streams: list[Any] = []  # writers of flood streams
+        self.record: PeerRecord | None = None  # re-announced every `heartbeat` s, so that it never expires
+        self._stop = threading.Event()
+        self._beat = threading.Thread(target=self._heartbeat, args=(min(2.0, ttl / 4),), daemon=True)
+        self._beat.start()
         self._p2p = self.m.p2p()
         self.m.loop.run(self._p2p.add_binary_stream_handler(protocol_name(swarm), self._serve), timeout=30,
                         what="registering the adversary's handler")
@@ -125,7 +131,15 @@ class Adversary:
                             size=len(blob), codec=CODEC_ID, task=self.task, model_cfg=dict(model_cfg),
                             fingerprint=fingerprint, time=time.time())
         assert self.m.announce(record)
+        self.record = record
         return record
+
+    def _heartbeat(self, every: float) -> None:
+        while not self._stop.wait(every):
+            record = self.record
+            if record is not None:
+                with contextlib.suppress(Exception):  # the next beat retries
+                    self.m.announce(dataclasses.replace(record, time=time.time()))
 
     async def _serve(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -189,6 +203,8 @@ class Adversary:
             self.m.loop.run(go(), timeout=10, what="closing flood streams")
 
     def close(self) -> None:
+        self._stop.set()
+        self._beat.join(10)
         self.stop_flood()
 
         async def go() -> None:

@@ -208,7 +208,7 @@ def test_flood_of_streams_does_not_starve_other_peers(honest, adversaries, tmp_p
     try:
         opened = flooder.flood(honest.membership.peer_id, 70)  # silent: more than all handshake slots
         opened += flooder.flood(honest.membership.peer_id, 10, digest=digest)  # requests never read
-        assert opened >= 60
+        assert opened >= 40
         t = honest.transfer.stats
         assert wait_for(lambda: t["flood_refused"] >= opened - honest.transfer.max_streams_per_peer, timeout=15)
         assert any(flooder.peer_id in r.getMessage() and "more than" in r.getMessage() for r in caplog.records)
