@@ -12,3 +12,16 @@ def _torch_threads():
 
     torch.set_num_threads(1)
     yield
+
+
+@pytest.fixture
+def procs():
+    """Peer processes a test starts (tests/peerproc.PeerProc); all are killed, and must be gone, at the end."""
+    from peerproc import group_alive
+
+    started: list = []
+    yield started
+    for p in started:
+        p.kill()
+    for p in started:
+        assert not group_alive(p.pid), f"{p.name} left processes behind"

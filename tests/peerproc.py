@@ -111,6 +111,16 @@ def _fail(peer: PeerProc):
     raise AssertionError(f"peer {peer.name} exited with {peer.proc.returncode}:\n{peer.stderr()[-3000:]}")
 
 
+def eventually(cond: Callable[[], Any], timeout: float = 30.0, every: float = 0.3) -> bool:
+    """True once `cond()` holds, checked every `every` s; False if it still does not after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(every)
+    return bool(cond())
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.5) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

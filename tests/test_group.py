@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peerproc import FAST, RECIPE, ROOT, PeerProc, group_alive, wait_for
+from peerproc import FAST, RECIPE, ROOT, PeerProc, wait_for
 
 from p2pcod.config import load_recipe
 from p2pcod.errors import ConfigError
@@ -95,16 +95,6 @@ def assert_ranks_agree(run_dir: Path) -> tuple[int, int]:
         assert r0[step]["digest"] == r1[step]["digest"], f"ranks' weights differ after step {step}"
         assert r0[step]["teachers"] == r1[step]["teachers"], f"ranks used other teachers at step {step}"
     return len(common), sum(1 for s in common if r0[s]["teachers"])
-
-
-@pytest.fixture
-def procs():
-    started: list[PeerProc] = []
-    yield started
-    for p in started:
-        p.kill()
-    for p in started:
-        assert not group_alive(p.pid), f"{p.name} left processes behind"
 
 
 def test_group_of_two_trains_in_step_with_the_same_teachers_and_resumes(tmp_path, procs):

@@ -14,6 +14,7 @@ import time
 import pytest
 import torch
 from adversary import LOCAL, Adversary, RecordForger, bomb, with_kept_value, with_scale
+from peerproc import eventually
 
 from p2pcod import codec
 from p2pcod.config import ExchangeConfig
@@ -40,13 +41,6 @@ def build(cfg):
 CFG = {"width": 16}
 
 
-def wait_for(cond, timeout=30.0, every=0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(every)
-    return cond()
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +114,7 @@ def test_bad_blob_is_rejected_logged_and_banned(attack, honest, adversaries, val
         h = health.get(bad.peer_id)
         return h is not None and h.banned_until > time.monotonic()
 
-    assert wait_for(banned, timeout=BAN_AFTER * (FETCH_TIMEOUT + 5) + 15), f"{attack}: not banned"
+    assert eventually(banned, timeout=BAN_AFTER * (FETCH_TIMEOUT + 5) + 15), f"{attack}: not banned"
     elapsed = time.monotonic() - t0
     h = health[bad.peer_id]
     assert h.offences >= BAN_AFTER
@@ -134,7 +128,7 @@ def test_bad_blob_is_rejected_logged_and_banned(attack, honest, adversaries, val
     # banned: the same offer is not fetched again, and the honest peer is alive and training
     requests = bad.requests
     rounds = honest.fetcher.stats["rounds"]
-    assert wait_for(lambda: honest.fetcher.stats["rounds"] >= rounds + 3, timeout=15)
+    assert eventually(lambda: honest.fetcher.stats["rounds"] >= rounds + 3, timeout=15)
     assert bad.requests == requests
     assert honest.fetcher._thread.is_alive()
     x = torch.randn(4, 16)
@@ -150,7 +144,7 @@ def test_foreign_architecture_is_loaded_but_never_used(honest, adversaries, capl
     state = build({"width": 16, "out": 7}).state_dict()
     other.offer(codec.encode(state, {}), step=5, model_cfg={"width": 16, "out": 7},
                 fingerprint=codec.fingerprint(state))
-    assert wait_for(lambda: "m-foreign" in honest.teachers.names(), timeout=30)
+    assert eventually(lambda: "m-foreign" in honest.teachers.names(), timeout=30)
     x = torch.randn(3, 16)
     logits = honest.model(x)
     assert honest.teachers.predict(x, expect_shape=logits.shape) is None
@@ -164,7 +158,7 @@ def test_identity_claims_and_garbage_records(honest, adversaries, valid, caplog)
     blob, fp = valid
     bob = adversaries("bob")
     bob.offer(blob, step=5, model_cfg=CFG, fingerprint=fp)
-    assert wait_for(lambda: "bob" in honest.teachers.names(), timeout=30)
+    assert eventually(lambda: "bob" in honest.teachers.names(), timeout=30)
     # a second peer claims bob's name, with a newer step: ignored (the name belongs to bob's peer id)
     thief = adversaries("thief")
     newer = codec.encode(build({**CFG, "seed": 3}).state_dict(), {})
@@ -175,10 +169,10 @@ def test_identity_claims_and_garbage_records(honest, adversaries, valid, caplog)
         stolen = {**_record_wire(bob), "name": "bob2", "step": 99}
         for value in (stolen, {"v": 1, "name": "x"}, [1, 2, 3], "junk", {**_record_wire(bob), "size": -1}):
             forger.store(value)
-        assert wait_for(lambda: any(thief.peer_id in r.getMessage() and "claims the name" in r.getMessage()
+        assert eventually(lambda: any(thief.peer_id in r.getMessage() and "claims the name" in r.getMessage()
                                     for r in caplog.records), timeout=20)
         rounds = honest.fetcher.stats["rounds"]
-        assert wait_for(lambda: honest.fetcher.stats["rounds"] >= rounds + 5, timeout=20)
+        assert eventually(lambda: honest.fetcher.stats["rounds"] >= rounds + 5, timeout=20)
         members = honest.members()
         by_id = {}
         for r in members:
@@ -210,7 +204,7 @@ def test_flood_of_streams_does_not_starve_other_peers(honest, adversaries, tmp_p
         opened += flooder.flood(honest.membership.peer_id, 10, digest=digest)  # requests never read
         assert opened >= 40
         t = honest.transfer.stats
-        assert wait_for(lambda: t["flood_refused"] >= opened - honest.transfer.max_streams_per_peer, timeout=15)
+        assert eventually(lambda: t["flood_refused"] >= opened - honest.transfer.max_streams_per_peer, timeout=15)
         assert any(flooder.peer_id in r.getMessage() and "more than" in r.getMessage() for r in caplog.records)
         # another peer is still served, at once, while the flood holds its streams
         for _ in range(3):
@@ -219,7 +213,7 @@ def test_flood_of_streams_does_not_starve_other_peers(honest, adversaries, tmp_p
         x = torch.randn(2, 16)
         assert torch.isfinite(honest.distill_loss(honest.model(x), x, step=10))
         flooder.stop_flood()  # the flooder's streams end and its slots are freed
-        assert wait_for(lambda: flooder.peer_id not in honest.transfer._per_peer, timeout=20)
+        assert eventually(lambda: flooder.peer_id not in honest.transfer._per_peer, timeout=20)
     finally:
         carol.close()
         carol_m.shutdown()

@@ -8,7 +8,7 @@ import sys
 import uuid
 
 import pytest
-from peerproc import FAST, ROOT, PeerProc, group_alive, wait_for
+from peerproc import FAST, ROOT, PeerProc, wait_for
 
 from p2pcod.topology import TopologyConfig, neighbours
 
@@ -19,16 +19,6 @@ NAMES = ["p0", "p1", "p2"]
 @pytest.fixture
 def swarm_name():
     return f"t{uuid.uuid4().hex[:8]}"
-
-
-@pytest.fixture
-def procs():
-    started: list[PeerProc] = []
-    yield started
-    for p in started:
-        p.kill()
-    for p in started:
-        assert not group_alive(p.pid), f"{p.name} left processes behind"
 
 
 def start_swarm(tmp_path, swarm, procs, topology: str) -> list[PeerProc]:

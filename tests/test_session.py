@@ -6,6 +6,7 @@ import time
 
 import pytest
 import torch
+from peerproc import eventually
 
 from p2pcod import codec
 from p2pcod.config import ExchangeConfig
@@ -24,13 +25,6 @@ def build(cfg):
     return torch.nn.Sequential(torch.nn.Linear(cfg["width"], 64), torch.nn.ReLU(), torch.nn.Linear(64, 5))
 
 
-def wait_for(cond, timeout=30.0, every=0.3):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(every)
-    return cond()
 
 
 @pytest.fixture
@@ -87,7 +81,7 @@ def test_hostile_blobs_are_rejected_and_the_offender_banned(tmp_path, honest):
         ]
         for i, attack in enumerate(attacks, 1):
             bad.offer(**attack)
-            assert wait_for(lambda i=i: honest.fetcher.stats["failed"] >= i, 30), f"attack {i} not attempted"
+            assert eventually(lambda i=i: honest.fetcher.stats["failed"] >= i, 30), f"attack {i} not attempted"
             assert len(honest.teachers) == 0, f"attack {i} produced a teacher"
         health = honest.fetcher.health[bad.m.peer_id]
         assert health.offences >= len(attacks)
@@ -106,7 +100,7 @@ def test_valid_peer_becomes_a_teacher(tmp_path, honest):
     try:
         state = build({"width": 16, "seed": 2}).state_dict()
         peer.offer(codec.encode(state, {}), 5, {"width": 16}, codec.fingerprint(state))
-        assert wait_for(lambda: honest.teachers.names() == ["bob"], 30)
+        assert eventually(lambda: honest.teachers.names() == ["bob"], 30)
         x = torch.randn(3, 16)
         target = honest.predict(x)
         assert target is not None and target.shape == (3, 5)

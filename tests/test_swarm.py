@@ -12,6 +12,7 @@ from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord
 from hivemind.utils import MSGPackSerializer, get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
+from peerproc import eventually
 
 from p2pcod.errors import ConfigError, RecordError, SwarmError
 from p2pcod.swarm.dht import Membership, PeerRecordValidator, check_entry, peer_id_of_owner, peers_key
@@ -36,15 +37,6 @@ def make_record(m: Membership | str, name: str, step: int = 0, **kw) -> PeerReco
     )
     fields.update(kw)
     return PeerRecord(**fields)
-
-
-def wait_for(cond: Callable[[], bool], timeout: float = 15.0, every: float = 0.3) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(every)
-    return cond()
 
 
 def steps_by_name(m: Membership) -> dict[str, int]:
@@ -143,18 +135,18 @@ def test_members_see_each_other_and_records_expire(nodes):
     assert a.peer_id != b.peer_id
     assert a.announce(make_record(a, "alice", 3)) and b.announce(make_record(b, "bob", 4))
     for m in (a, b):
-        assert wait_for(lambda m=m: steps_by_name(m) == {"alice": 3, "bob": 4}, timeout=2.5)
+        assert eventually(lambda m=m: steps_by_name(m) == {"alice": 3, "bob": 4}, timeout=2.5)
     assert {r.peer_id for r in a.members()} == {a.peer_id, b.peer_id}
 
     t0 = time.monotonic()
-    assert wait_for(lambda: "bob" not in steps_by_name(a), timeout=8)
+    assert eventually(lambda: "bob" not in steps_by_name(a), timeout=8)
     assert time.monotonic() - t0 > 0.5  # it did not vanish at once
     assert steps_by_name(a) == {"alice": 3}
 
     assert b.announce(make_record(b, "bob", 6))  # a heartbeat brings it back
-    assert wait_for(lambda: steps_by_name(a).get("bob") == 6, timeout=2.5)
+    assert eventually(lambda: steps_by_name(a).get("bob") == 6, timeout=2.5)
     b.leave()  # and leaving removes it before its expiry
-    assert wait_for(lambda: "bob" not in steps_by_name(a), timeout=2.0)
+    assert eventually(lambda: "bob" not in steps_by_name(a), timeout=2.0)
     assert a.stats["tombstones"] >= 1
 
 
@@ -163,13 +155,13 @@ def test_restart_keeps_peer_id_and_overwrites_own_record(nodes, tmp_path):
     b = nodes("b", via=a)
     first_id = b.peer_id
     assert b.announce(make_record(b, "bob", 10))
-    assert wait_for(lambda: steps_by_name(a).get("bob") == 10)
+    assert eventually(lambda: steps_by_name(a).get("bob") == 10)
     b.shutdown()
     b.shutdown()  # idempotent
     b2 = nodes("b", via=a)
     assert b2.peer_id == first_id
     assert b2.announce(make_record(b2, "bob", 2))  # a lower step, but a newer announce: it wins
-    assert wait_for(
+    assert eventually(
         lambda: (
             [(r.name, r.step) for r in a.members()] == [("bob", 2)]
             or sorted((r.name, r.step) for r in a.members()) == [("bob", 2)]
@@ -218,11 +210,11 @@ def test_bootstrap_peer_is_not_special(nodes):
     c = nodes("c", via=a)
     for m, name in ((a, "a"), (b, "b"), (c, "c")):
         assert m.announce(make_record(m, name, 1))
-    assert wait_for(lambda: set(steps_by_name(b)) == {"a", "b", "c"})
+    assert eventually(lambda: set(steps_by_name(b)) == {"a", "b", "c"})
     a.shutdown()
     assert b.announce(make_record(b, "b", 2)) and c.announce(make_record(c, "c", 2))
     for m in (b, c):
-        assert wait_for(
+        assert eventually(
             lambda m=m: {k: v for k, v in steps_by_name(m).items() if k != "a"} == {"b": 2, "c": 2}
         )
 
