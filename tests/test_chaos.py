@@ -251,7 +251,9 @@ def test_partitioned_peer_trains_alone_then_picks_teachers_up_again(chaos):
     stale = [max(x["staleness"].values()) for x in during]
     assert stale[-1] - stale[0] == during[-1]["step"] - during[0]["step"]  # its teachers only aged
     after = [x for t, x in timed if t > heal["t"] and "fetch_ok" in x]
-    assert after[-1]["fetch_ok"] > during[-1]["fetch_ok"] and after[-1]["teachers"] >= 1
+    # it fetched again after the cut and held a teacher (the very last rows may come after the others left)
+    assert after[-1]["fetch_ok"] > during[-1]["fetch_ok"]
+    assert any(x["teachers"] >= 1 for x in after if x["fetch_ok"] > during[-1]["fetch_ok"])
 
 
 @pytest.mark.slow

@@ -385,6 +385,7 @@ burn_in = 5
 [[peer]]
 index = 2
 upload_mbit = 0.2
+set = { train = { batch_size = 128 } }  # slower steps: p2 publishes long enough for several capped uploads
 [[fault]]
 kind = "kill"
 peer = 1
