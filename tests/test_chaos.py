@@ -8,13 +8,13 @@ at the end, also when the run fails (the simulator stops every group it started;
 from __future__ import annotations
 
 import json
-import os
 import textwrap
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from peerproc import group_alive
 
 from p2pcod import checkpoint, sim
 from p2pcod.simspec import load_spec
@@ -158,7 +158,7 @@ def chaos(tmp_path_factory) -> tuple[Path, str, sim.Simulation]:
     finally:
         stop.set()  # every peer gets SIGTERM (it saves and leaves), then SIGKILL for its group
         thread.join(timeout=120)
-        leftovers = [g for g in simulation.pgids if not _group_gone(g)]
+        leftovers = [g for g in simulation.pgids if group_alive(g)]
         assert not thread.is_alive() and leftovers == [], f"process groups left behind: {leftovers}"
         assert sim._LIVE == set()
     if "error" in outcome:
@@ -171,17 +171,6 @@ def sim_time(run_dir: Path, name: str) -> list[tuple[float, dict]]:
     clocks = [e for e in events(run_dir) if e["event"] == "clock" and e["peer"] == name]
     assert len(clocks) == 1, clocks
     return [(clocks[0]["origin_t"] + x["time"], x) for x in rows(run_dir, name)]
-
-
-def _group_gone(pgid: int, wait: float = 10.0) -> bool:
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.1)
-    return False
 
 
 @pytest.mark.slow

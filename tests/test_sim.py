@@ -8,7 +8,6 @@ daemon, so orchestration is tested in seconds. Tests marked `slow` run real peer
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from peerproc import group_alive
 
 from p2pcod import sim
 from p2pcod.errors import ConfigError
@@ -120,19 +120,7 @@ def assert_no_processes(simulation: sim.Simulation | None, run_dir: Path) -> Non
     found = subprocess.run(["pgrep", "-f", str(run_dir)], capture_output=True, text=True).stdout.split()
     assert found == [], f"processes left behind: {found}"
     for pgid in simulation.pgids if simulation else []:
-        assert group_gone(pgid), f"process group {pgid} still has members"
-
-
-def group_gone(pgid: int, wait: float = 10.0) -> bool:
-    """True once no process is left in the group (killed orphans may linger as zombies until init reaps them)."""
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.1)
-    return False
+        assert not group_alive(pgid), f"process group {pgid} still has members"
 
 
 # ---- spec validation ------------------------------------------------------------------------------
@@ -244,7 +232,7 @@ def test_three_peers_run_to_the_end_with_metrics_and_report(tmp_path, fake_peer)
     summary = (run_dir / "summary.md").read_text()
     assert "| p2 | 40 |" in summary
     simulation_pgids = [e["pid"] for e in ev if e["event"] == "start"]
-    assert all(group_gone(pgid) for pgid in simulation_pgids)
+    assert not any(group_alive(pgid) for pgid in simulation_pgids)
     assert_no_processes(None, run_dir)
 
 
