@@ -222,8 +222,48 @@ def test_bootstrap_peer_is_not_special(nodes):
 def test_unreachable_initial_peers_is_a_swarm_error_naming_them(tmp_path):
     dead = "/ip4/127.0.0.1/tcp/9/p2p/QmStxopftxCy9zc5gbbkLPFvjVqX74JHPp9R2CwEWq5pU9"
     t0 = time.monotonic()
-    with pytest.raises(SwarmError, match="tcp/9"):
+    with pytest.raises(SwarmError, match=r"tcp/9.*\(attempt 4\)"):  # retried, then given up
         Membership(
             SWARM, identity_dir=tmp_path / "x", host_maddrs=LOCAL, initial_peers=[dead], start_timeout=20
         )
     assert time.monotonic() - t0 < 25
+
+
+def test_joiner_retries_until_a_late_bootstrap_peer_answers(tmp_path):
+    """hivemind pings initial peers once (3 s): a joiner must retry while a busy bootstrap peer comes up."""
+    import socket
+    import threading
+
+    from hivemind.p2p import PeerID
+
+    from p2pcod.swarm.dht import load_identity
+
+    identity, _ = load_identity(tmp_path / "boot")
+    with socket.socket() as s:  # a free port for the bootstrap peer, known before it starts
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    boot_addr = f"/ip4/127.0.0.1/tcp/{port}/p2p/{PeerID.from_identity(identity.read_bytes()).to_base58()}"
+    made: list[Membership] = []
+    errors: list[BaseException] = []
+
+    def join() -> None:
+        try:
+            made.append(Membership(SWARM, identity_dir=tmp_path / "joiner", host_maddrs=LOCAL,
+                                   initial_peers=[boot_addr], start_timeout=60))
+        except BaseException as err:  # noqa: BLE001 - reported by the assertion below
+            errors.append(err)
+
+    joiner = threading.Thread(target=join)
+    joiner.start()
+    try:
+        time.sleep(5.0)  # the joiner's first bootstrap attempt fails meanwhile
+        made.append(Membership(SWARM, identity_dir=tmp_path / "boot", host_maddrs=[f"/ip4/127.0.0.1/tcp/{port}"]))
+        joiner.join(60)
+        assert not joiner.is_alive() and errors == [] and len(made) == 2
+        boot, joined = made[1], made[0]
+        assert joined.announce(make_record(joined, "j", 1))
+        assert eventually(lambda: steps_by_name(boot).get("j") == 1)
+    finally:
+        joiner.join(60)
+        for m in made:
+            m.shutdown()

@@ -20,6 +20,7 @@ import os
 import re
 import socket
 import threading
+import time
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,6 +49,9 @@ _SWARM_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _OWNER_RE = re.compile(re.escape(b"[owner:") + rb"(ssh-rsa [A-Za-z0-9+/=]{16,4096})" + re.escape(b"]"))
 _HIVEMIND_SOCKETS = Path("/tmp/hivemind-p2pd-*.sock")  # where hivemind 1.1.x puts p2pd's control socket
 _CALL_TIMEOUT = 30.0  # bound on one DHT get/store issued from here
+_JOIN_ATTEMPTS = 4  # bootstrap tries before a joiner gives up (within start_timeout)
+# hivemind's errors when no initial peer could be reached (p2pd) or none answered a ping (DHTNode)
+_BOOTSTRAP_FAILED = ("failed to connect to bootstrap peers", "bootstrap failed")
 
 
 def peers_key(swarm: str) -> str:
@@ -163,26 +167,46 @@ class Membership:
             raise SwarmError(f"DHT peer id {actual} differs from the identity's {self.peer_id}")
 
     def _start_dht(self, initial_peers, host_maddrs, announce_maddrs, identity_path, signer, timeout):
-        dht = hivemind.DHT(
-            initial_peers=list(initial_peers) or None,
-            start=False,
-            host_maddrs=list(host_maddrs),
-            announce_maddrs=list(announce_maddrs) or None,
-            identity_path=str(identity_path),
-            record_validators=[signer, PeerRecordValidator(self.swarm)],
-        )
-        sockets_before = set(_HIVEMIND_SOCKETS.parent.glob(_HIVEMIND_SOCKETS.name))
-        try:
-            dht.run_in_background(await_ready=True, timeout=timeout)
-        except BaseException as err:
-            _stop_dht(dht)
-            _remove_dead_sockets(sockets_before)
-            where = ", ".join(initial_peers) if initial_peers else "(no initial peers)"
-            raise SwarmError(
-                f"could not start the DHT node of swarm {self.swarm!r} joining through {where}: "
-                f"{type(err).__name__}: {err}"
-            ) from err
-        return dht
+        """Start the DHT process; while joining, retry a bootstrap that no initial peer answered in time.
+
+        hivemind pings the initial peers once with a 3 s timeout: a busy bootstrap peer (a loaded machine, a
+        slow link) misses that, so a joiner retries with backoff within `timeout` before giving up.
+        """
+        deadline = time.monotonic() + timeout
+        backoff = 1.0
+        for attempt in range(1, _JOIN_ATTEMPTS + 1):
+            dht = hivemind.DHT(
+                initial_peers=list(initial_peers) or None,
+                start=False,
+                host_maddrs=list(host_maddrs),
+                announce_maddrs=list(announce_maddrs) or None,
+                identity_path=str(identity_path),
+                record_validators=[signer, PeerRecordValidator(self.swarm)],
+            )
+            sockets_before = set(_HIVEMIND_SOCKETS.parent.glob(_HIVEMIND_SOCKETS.name))
+            try:
+                dht.run_in_background(await_ready=True, timeout=max(1.0, deadline - time.monotonic()))
+                return dht
+            except BaseException as err:
+                _stop_dht(dht)
+                _remove_dead_sockets(sockets_before)
+                where = ", ".join(initial_peers) if initial_peers else "(no initial peers)"
+                retry = (
+                    isinstance(err, Exception)
+                    and any(text in str(err) for text in _BOOTSTRAP_FAILED)
+                    and attempt < _JOIN_ATTEMPTS
+                    and time.monotonic() + backoff + 2.0 < deadline
+                )
+                if not retry:
+                    raise SwarmError(
+                        f"could not start the DHT node of swarm {self.swarm!r} joining through {where} "
+                        f"(attempt {attempt}): {type(err).__name__}: {err}"
+                    ) from err
+                log.warning("no initial peer of %s answered (attempt %d of %d); retrying in %.0f s",
+                            where, attempt, _JOIN_ATTEMPTS, backoff)
+                time.sleep(backoff)
+                backoff *= 2
+        raise AssertionError("unreachable")
 
     # ---- records ----------------------------------------------------------------------------------
     def visible_maddrs(self) -> list[str]:
