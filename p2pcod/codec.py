@@ -87,6 +87,24 @@ class Limits:
     max_header_bytes: int = 16 << 20
 
 
+def limits_for(model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor], slack: float = 1.25) -> Limits:
+    """Limits that accept any blob of this architecture and little else: a peer receiving checkpoints of
+    a 10 MB model has no reason to decompress gigabytes before the fingerprint check rejects them."""
+    sd = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, torch.nn.Module) \
+        else model_or_state_dict
+    tensors = [t for t in sd.values() if isinstance(t, torch.Tensor)]
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    header = min(Limits.max_header_bytes, (1 << 20) + 1024 * len(tensors))
+    decoded = int(nbytes * slack) + (1 << 20)  # int8 + scales (+ alignment) never exceeds fp32 by that much
+    return Limits(
+        max_blob_bytes=decoded + header + 64,
+        max_decoded_bytes=decoded,
+        max_tensors=max(1, len(tensors)),
+        max_tensor_numel=max((t.numel() for t in tensors), default=1),
+        max_header_bytes=header,
+    )
+
+
 def _align(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 

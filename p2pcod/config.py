@@ -72,12 +72,15 @@ class ExchangeConfig:
     ttl: float = 30.0  # peer records expire unless refreshed within this many seconds
     heartbeat: float = 5.0
     max_teachers: int = 0  # 0 = as many as the topology gives
+    ban_after: int = 5  # consecutive failed fetches from a peer before we stop fetching from it
+    ban_for: float = 300.0  # seconds a ban lasts (fetching from it, and serving it)
+    max_streams_per_peer: int = 4  # blob streams one remote peer may hold open at our server at once
 
     def __post_init__(self) -> None:
         _check_positive("exchange.reload_every", self.reload_every)
         _check_choice("exchange.keep_dtype", self.keep_dtype, ("fp32", "fp16"))
         _check_positive("exchange.block", self.block)
-        for key in ("max_blob_mb", "fetch_timeout", "ttl", "heartbeat"):
+        for key in ("max_blob_mb", "fetch_timeout", "ttl", "heartbeat", "ban_after", "ban_for", "max_streams_per_peer"):
             _check_positive(f"exchange.{key}", getattr(self, key))
         for key in ("upload_mbit", "download_mbit", "latency_ms", "max_teachers", "k", "topology_seed"):
             _check_non_negative(f"exchange.{key}", getattr(self, key))

@@ -70,10 +70,13 @@ class Session:
         self.distill_cfg = distill_cfg
         self.exchange = exchange
         self.fingerprint = codec.fingerprint(model)
+        limits = codec.limits_for(model)  # teachers share the student's architecture
         self.transfer = Transfer(
             membership,
             upload_rate=exchange.upload_mbit * MBIT or None,
             download_rate=exchange.download_mbit * MBIT or None,
+            max_streams_per_peer=exchange.max_streams_per_peer,
+            ban_for=exchange.ban_for,
         )
         self.teachers = TeacherPool(
             build_model, distill_cfg, kind, max_teachers=exchange.max_teachers or None
@@ -95,7 +98,13 @@ class Session:
             reload_every=exchange.reload_every,
             my_step=lambda: self._step,
             paused=self.cut_off,
-            policy=FetchPolicy(max_bytes=int(exchange.max_blob_mb * 2**20), timeout=exchange.fetch_timeout),
+            policy=FetchPolicy(
+                max_bytes=min(int(exchange.max_blob_mb * 2**20), limits.max_blob_bytes),
+                timeout=exchange.fetch_timeout,
+                ban_after=exchange.ban_after,
+                ban_for=exchange.ban_for,
+                limits=limits,
+            ),
         )
         self._threads = [
             threading.Thread(target=self._heartbeat_loop, name="p2pcod-heartbeat", daemon=True),

@@ -425,3 +425,19 @@ def test_shape_product_is_not_trusted_blindly() -> None:
     with pytest.raises(CodecError, match="exceeds max_tensor_numel"):
         codec.decode(bad, limits=Limits(max_tensor_numel=1 << 62))
     assert math.prod([1 << 31] * 3) > (1 << 62)
+
+
+def test_limits_for_accept_the_architecture_and_refuse_larger_ones() -> None:
+    sd = make_sd()
+    limits = codec.limits_for(sd)
+    nbytes = sum(t.numel() * t.element_size() for t in sd.values())
+    assert nbytes < limits.max_decoded_bytes <= 1.25 * nbytes + (1 << 20)
+    assert limits.max_tensors == len(sd) and limits.max_tensor_numel == max(t.numel() for t in sd.values())
+    for opts in (CodecOptions(), CodecOptions(block=32, keep_dtype="fp16"), CodecOptions(min_quant_numel=1 << 30)):
+        blob = codec.encode(sd, {}, opts)  # every encoding of this architecture fits, down to all-fp32
+        assert len(blob) <= limits.max_blob_bytes
+        out, _ = codec.decode(blob, expect_fingerprint=codec.fingerprint(sd), limits=limits)
+        assert out.keys() == sd.keys()
+    bigger = {**sd, "extra.weight": torch.randn(4096, 1024)}  # 16 MB more than the limits allow
+    with pytest.raises(CodecError, match="max_decoded_bytes|max_tensors|max_tensor_numel|max_blob_bytes"):
+        codec.decode(codec.encode(bigger, {}), limits=limits)

@@ -204,8 +204,15 @@ def test_flood_of_streams_does_not_starve_other_peers(honest, adversaries, tmp_p
         opened += flooder.flood(honest.membership.peer_id, 10, digest=digest)  # requests never read
         assert opened >= 40
         t = honest.transfer.stats
-        assert eventually(lambda: t["flood_refused"] >= opened - honest.transfer.max_streams_per_peer, timeout=15)
+        cap = honest.transfer.max_streams_per_peer
+        assert eventually(lambda: t["flood_refused"] + t["banned_refused"] >= opened - cap, timeout=15)
         assert any(flooder.peer_id in r.getMessage() and "more than" in r.getMessage() for r in caplog.records)
+        # past ban_after offences the flooder is banned: its next streams are cut without an answer
+        assert t["banned"] >= 1
+        assert any(flooder.peer_id in r.getMessage() and "banning peer" in r.getMessage() for r in caplog.records)
+        refused = t["banned_refused"]
+        flooder.flood(honest.membership.peer_id, 3, digest=digest)
+        assert eventually(lambda: t["banned_refused"] >= refused + 3, timeout=15)
         # another peer is still served, at once, while the flood holds its streams
         for _ in range(3):
             blob = carol.fetch(honest.membership.peer_id, digest, size, max_bytes=1 << 24, timeout=10)

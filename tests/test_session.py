@@ -111,3 +111,35 @@ def test_valid_peer_becomes_a_teacher(tmp_path, honest):
         assert stats["teachers"] == 1 and stats["bytes_in"] > 0 and stats["fetch_ok"] == 1
     finally:
         peer.close()
+
+
+def test_fetch_limits_follow_the_model_size(tmp_path, honest, caplog):
+    """A checkpoint far larger than the student's architecture is refused before a byte is downloaded."""
+    nbytes = sum(p.numel() * 4 for p in honest.model.parameters())
+    limits = honest.fetcher.policy.limits
+    assert limits.max_decoded_bytes <= 1.25 * nbytes + (1 << 20) and limits.max_tensors == 4
+    assert honest.fetcher.policy.max_bytes == limits.max_blob_bytes < 3 << 20
+    bad = Adversary(tmp_path, honest, "huge")
+    try:
+        big = torch.nn.Linear(2048, 2048)  # 16 MB of fp32, ~4 MB encoded: above every limit of a 6 KB model
+        blob = codec.encode(big.state_dict(), {})
+        assert len(blob) > honest.fetcher.policy.max_bytes
+        bad.offer(blob, 5, {"width": 16}, honest.fingerprint)
+        assert eventually(lambda: honest.fetcher.stats["failed"] >= 1, 30)
+        assert bad.t.stats["uploads"] == 0 and bad.t.stats["bytes_out"] == 0  # refused before connecting
+        assert honest.fetcher.health[bad.m.peer_id].last_error.startswith("announced size")
+        assert len(honest.teachers) == 0
+    finally:
+        bad.close()
+
+
+def test_exchange_config_sets_bans_and_stream_caps(tmp_path):
+    exchange = ExchangeConfig(ban_after=2, ban_for=7.0, max_streams_per_peer=2, heartbeat=1.0, ttl=10.0)
+    s = Session.join(swarm=SWARM, name="cfg", identity_dir=tmp_path / "cfg", host_maddrs=LOCAL,
+                     model=build({"width": 16}), model_cfg={"width": 16}, task="toy", build_model=build,
+                     kind="multiclass", exchange=exchange, distill_cfg=DistillConfig())
+    try:
+        assert (s.fetcher.policy.ban_after, s.fetcher.policy.ban_for) == (2, 7.0)
+        assert (s.transfer.max_streams_per_peer, s.transfer.ban_for) == (2, 7.0)
+    finally:
+        s.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 
@@ -98,7 +99,8 @@ def test_record_round_trip_and_typed_rejections():
     assert parse_wire(tombstone_wire(rec.peer_id, 5.0)) is None
 
 
-def test_validator_binds_record_to_signer_and_schema():
+def test_validator_binds_record_to_signer_and_schema(caplog):
+    caplog.set_level(logging.WARNING)
     key = RSAPrivateKey()
     subkey = RSASignatureValidator(key).local_public_key
     me = peer_id_of_owner(subkey)
@@ -121,6 +123,11 @@ def test_validator_binds_record_to_signer_and_schema():
     assert ok({"anything": 1}, key_bytes=DHTID.generate(source="another/key").to_bytes())  # not our key
     with pytest.raises(RecordError, match="signed by"):
         check_entry(subkey, make_record(other, "x").to_wire())
+    # the offender (the signer of the subkey) is logged once, by peer id, with the reason
+    refusals = [r.getMessage() for r in caplog.records if "refusing a peer record" in r.getMessage()]
+    assert len([m for m in refusals if f"from peer {me}" in m]) == 1
+    assert any(f"from peer {me}" in m and f"claims peer_id {other!r}" in m for m in refusals)
+    assert any("from subkey" in m for m in refusals)  # the unsigned one
 
 
 def test_bad_swarm_name_is_a_config_error(tmp_path):

@@ -89,19 +89,32 @@ class PeerRecordValidator(RecordValidatorBase):
     """Runs inside every DHT node: it refuses to store (or accept from others) malformed peer records."""
 
     def __init__(self, swarm: str) -> None:
+        self.swarm = swarm
         self._key_id = DHTID.generate(source=peers_key(swarm)).to_bytes()
+        self._warned: set[str] = set()  # offenders already logged (one line each, bounded)
 
     def validate(self, record: DHTRecord) -> bool:
         if record.key != self._key_id:
             return True  # not ours to judge
-        if len(record.value) > MAX_RECORD_BYTES or record.subkey in DHTProtocol.RESERVED_SUBKEYS:
-            return False
+        subkey: Any = record.subkey
         try:
+            if len(record.value) > MAX_RECORD_BYTES or record.subkey in DHTProtocol.RESERVED_SUBKEYS:
+                raise RecordError(f"record of {len(record.value)} bytes or reserved subkey")
             subkey = DHTProtocol.serializer.loads(record.subkey)
             check_entry(subkey, DHTProtocol.serializer.loads(record.value))
-        except Exception:  # noqa: BLE001 - any failure to parse means invalid
+        except Exception as err:  # noqa: BLE001 - any failure to parse means invalid
+            self._log_offender(subkey, err)
             return False
         return True
+
+    def _log_offender(self, subkey: Any, err: Exception) -> None:
+        try:  # a signed subkey names its signer: the offender
+            offender = f"peer {peer_id_of_owner(subkey)}"
+        except Exception:  # noqa: BLE001 - unsigned or unparsable subkey
+            offender = f"subkey {hashlib.sha256(repr(subkey).encode()).hexdigest()[:16]}"
+        if offender not in self._warned and len(self._warned) < 10_000:
+            self._warned.add(offender)
+            log.warning("refusing a peer record of swarm %s from %s: %s", self.swarm, offender, err)
 
 
 def load_identity(identity_dir: Path) -> tuple[Path, RSAPrivateKey]:
@@ -259,9 +272,11 @@ class Membership:
         tag = hashlib.sha256(repr(subkey).encode()).digest()[:8]
         if tag not in self._warned and len(self._warned) < 10_000:
             self._warned.add(tag)
-            log.warning(
-                "dropping an invalid peer record in swarm %s (subkey %s): %s", self.swarm, tag.hex(), err
-            )
+            try:  # the subkey is the signer's key: name the offender by its peer id when it has one
+                offender = f"peer {peer_id_of_owner(subkey)}"
+            except RecordError:
+                offender = f"subkey {tag.hex()}"
+            log.warning("dropping an invalid peer record in swarm %s from %s: %s", self.swarm, offender, err)
 
     # ---- plumbing ---------------------------------------------------------------------------------
     def _count(self, key: str) -> None:

@@ -7,7 +7,8 @@ The client trusts nothing: it refuses an announced size above its limit before c
 as the size header or the byte count disagrees with the signed record, bounds the whole fetch by a
 timeout and checks the sha256. The server bounds the request, its concurrent uploads, the streams one
 remote peer may hold open at once and each upload's duration, so that a flood or a client that stops
-reading cannot hold it forever nor crowd out the other peers.
+reading cannot hold it forever nor crowd out the other peers; a peer that keeps offending (excess streams,
+malformed or missing requests) is banned from the server for a while.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ _STATUS_TEXT = {
 _DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 MAX_HANDSHAKES = 64  # connections still sending their request; more are refused at once
 MAX_STREAMS_PER_PEER = 4  # open blob streams (request or upload) from one remote peer; more are refused
+SERVE_BAN_AFTER = 16  # offences (excess streams, bad or missing requests) within OFFENCE_WINDOW before a ban
+SERVE_BAN_FOR = 300.0  # seconds a banned peer's streams are cut without an answer
+OFFENCE_WINDOW = 60.0
+_MAX_TRACKED = 10_000  # remote peers with offence or ban records kept at most (bounded memory)
 
 
 class TransferError(SwarmError):
@@ -129,9 +134,12 @@ class Transfer:
         upload_stall_timeout: float = 30.0,
         upload_timeout: float = 600.0,
         max_streams_per_peer: int = MAX_STREAMS_PER_PEER,
+        ban_after: int = SERVE_BAN_AFTER,
+        ban_for: float = SERVE_BAN_FOR,
     ) -> None:
-        if chunk_size < 1024 or max_concurrent_uploads < 1 or max_streams_per_peer < 1:
-            raise ValueError("chunk_size must be >= 1024, max_concurrent_uploads and max_streams_per_peer >= 1")
+        if chunk_size < 1024 or max_concurrent_uploads < 1 or max_streams_per_peer < 1 or ban_after < 1:
+            raise ValueError("chunk_size must be >= 1024, max_concurrent_uploads, max_streams_per_peer and "
+                             "ban_after >= 1")
         self.membership = membership
         self.name = protocol_name(membership.swarm)
         self.chunk_size = int(chunk_size)
@@ -140,6 +148,8 @@ class Transfer:
         self.upload_stall_timeout = upload_stall_timeout
         self.upload_timeout = upload_timeout
         self.max_streams_per_peer = int(max_streams_per_peer)
+        self.ban_after = int(ban_after)
+        self.ban_for = float(ban_for)
         self.upload_bucket = TokenBucket(upload_rate)
         self.download_bucket = TokenBucket(download_rate)
         self.stats: dict[str, int] = dict.fromkeys(
@@ -154,6 +164,8 @@ class Transfer:
                 "not_found",
                 "bad_requests",
                 "flood_refused",
+                "banned",
+                "banned_refused",
             ),
             0,
         )
@@ -164,6 +176,8 @@ class Transfer:
         self._handshaking = 0  # loop-thread only
         self._per_peer: dict[str, int] = {}  # remote peer id -> its open streams; loop-thread only
         self._flood_warned: set[str] = set()  # loop-thread only
+        self._offences: dict[str, list[float]] = {}  # remote peer -> times of its recent offences; loop only
+        self._banned: dict[str, float] = {}  # remote peer -> monotonic time its ban ends; loop-thread only
         self._tasks: set[asyncio.Task] = set()  # loop-thread only
         self._closed = False
         # While this returns True every upload is cut at once (the simulator's partitions use it).
@@ -201,18 +215,24 @@ class Transfer:
             self._tasks.add(task)
         ok = False
         peer = str(getattr(info, "peer_id", "?"))
+        if self.is_banned(peer):
+            self._count("banned_refused")
+            self._tasks.discard(task)
+            writer.transport.abort()  # no answer: a banned peer gets nothing to work with
+            return
         self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
         try:
             if self._per_peer[peer] > self.max_streams_per_peer:
                 # one peer flooding us must not take the handshake and upload slots of all the others
                 self._count("flood_refused")
-                if peer not in self._flood_warned and len(self._flood_warned) < 10_000:
+                if peer not in self._flood_warned and len(self._flood_warned) < _MAX_TRACKED:
                     self._flood_warned.add(peer)
                     log.warning("peer %s opened more than %d blob streams at once; refusing the excess",
                                 peer, self.max_streams_per_peer)
+                self._offence(peer, f"more than {self.max_streams_per_peer} blob streams at once")
                 await self._reply(writer, BUSY)
                 return
-            digest = await self._read_request(reader, writer)
+            digest = await self._read_request(reader, writer, peer)
             if digest is None:
                 return
             if self.paused():
@@ -250,7 +270,38 @@ class Transfer:
             else:
                 writer.transport.abort()  # do not wait to flush to a client that stopped reading
 
-    async def _read_request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str | None:
+    def is_banned(self, peer: str) -> bool:
+        """Whether our blob server refuses `peer` now (loop thread)."""
+        until = self._banned.get(peer)
+        if until is None:
+            return False
+        if time.monotonic() < until:
+            return True
+        del self._banned[peer]
+        return False
+
+    def _offence(self, peer: str, what: str) -> None:
+        """Count one offence of `peer` against our server; `ban_after` within OFFENCE_WINDOW s ban it."""
+        now = time.monotonic()
+        recent = [t for t in self._offences.get(peer, ()) if now - t < OFFENCE_WINDOW]
+        recent.append(now)
+        if len(recent) < self.ban_after:
+            if peer in self._offences or len(self._offences) < _MAX_TRACKED:
+                self._offences[peer] = recent
+            return
+        self._offences.pop(peer, None)
+        if len(self._banned) >= _MAX_TRACKED:  # drop expired bans first; at worst the oldest ban
+            self._banned = {p: u for p, u in self._banned.items() if u > now} or self._banned
+            if len(self._banned) >= _MAX_TRACKED:
+                self._banned.pop(next(iter(self._banned)))
+        self._banned[peer] = now + self.ban_for
+        self._count("banned")
+        log.warning("banning peer %s from our blob server for %.0f s after %d offences in %.0f s (last: %s)",
+                    peer, self.ban_for, len(recent), OFFENCE_WINDOW, what)
+
+    async def _read_request(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str
+    ) -> str | None:
         if self._handshaking >= MAX_HANDSHAKES:
             self._count("uploads_refused")
             await self._reply(writer, BUSY)
@@ -258,11 +309,15 @@ class Transfer:
         self._handshaking += 1
         try:
             request = await asyncio.wait_for(reader.readexactly(REQUEST_LEN), self.request_timeout)
+        except asyncio.TimeoutError:
+            self._offence(peer, f"sent no request within {self.request_timeout:.0f} s")
+            raise
         finally:
             self._handshaking -= 1
         digest = request[len(REQUEST_PREFIX) :].decode("ascii", "replace")
         if not request.startswith(REQUEST_PREFIX) or not _DIGEST_RE.fullmatch(digest):
             self._count("bad_requests")
+            self._offence(peer, "a malformed request")
             await self._reply(writer, BAD_REQUEST)
             return None
         return digest
