@@ -1,5 +1,5 @@
 """Training rate of an honest peer under attack: steps/s of an in-process training loop with a Session,
-clean vs with an adversary (tests/adversary.py) flooding its blob server or serving bad checkpoints.
+clean vs with an adversary (p2pcod/adversary.py) flooding its blob server or serving bad checkpoints.
 
     .venv/bin/python benchmarks/hostile.py [--seconds 15] [--attacks flood,bomb,endless,stall,nan] [--ban]
 
@@ -14,21 +14,17 @@ from __future__ import annotations
 import argparse
 import logging
 import multiprocessing as mp
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from adversary import LOCAL, Adversary, bomb, with_kept_value  # noqa: E402
-
-from p2pcod import codec  # noqa: E402
-from p2pcod.config import ExchangeConfig  # noqa: E402
-from p2pcod.distill import DistillConfig  # noqa: E402
-from p2pcod.session import Session  # noqa: E402
+from p2pcod import codec
+from p2pcod.adversary import LOCAL, Adversary, bomb, with_kept_value
+from p2pcod.config import ExchangeConfig
+from p2pcod.distill import DistillConfig
+from p2pcod.session import Session
 
 SWARM = "bench-hostile"
 CFG = {"width": 256, "hidden": 512, "out": 10}

@@ -288,9 +288,43 @@ def summary_markdown(run: RunData, base: RunData | None, target: float | None, w
     out += ["![validation loss](loss.png)", "", "![bytes](bytes.png)", "", "![staleness](staleness.png)", ""]
     out += _target_section(run, base, target, why)
     out += _peer_section(run, base, n, params)
+    out += adversary_section(run)
     story = fault_story(run)
     out += ["## Faults", ""] + (story or ["None scheduled; no peer exited on its own."]) + [""]
     return "\n".join(out)
+
+
+# ---- adversaries ---------------------------------------------------------------------------------------
+def adversaries(run: RunData) -> dict[str, dict[str, Any]]:
+    """name -> {"attacks", "requests" (blob requests the honest peers sent it), "flood_streams"} of every
+    adversary the simulator started (p2pcod/adversary.py logs to peers/<name>/attacks.jsonl)."""
+    out: dict[str, dict[str, Any]] = {}
+    for e in run.events:
+        if e.get("event") in ("start", "restart") and e.get("role") == "adversary":
+            rows = _read_jsonl(run.path / "peers" / e["peer"] / "attacks.jsonl")
+            last = rows[-1] if rows else {}
+            out[e["peer"]] = {"attacks": e.get("attacks", []), "requests": int(last.get("requests", 0)),
+                              "flood_streams": int(last.get("flood_streams", 0)), "rounds": len(rows)}
+    return out
+
+
+def adversary_section(run: RunData) -> list[str]:
+    hostile = adversaries(run)
+    if not hostile:
+        return []
+    out = ["## Adversaries", ""]
+    for name, a in hostile.items():
+        out.append(f"- **{name}** ({', '.join(a['attacks'])}): {a['requests']} blob requests from honest peers "
+                   f"answered with its bad checkpoints, {a['flood_streams']} flood streams opened")
+    out += ["", "| honest peer | teachers loaded from adversaries | failed fetches | peers banned (fetching) "
+            "| peers banned (serving) | streams refused |", "|---|---|---|---|---|---|"]
+    for p in run.peers.values():
+        loaded = sorted({n for r in p.rows for n in (r.get("staleness") or {}) if n in hostile})
+        last = p.rows[-1] if p.rows else {}
+        keys = ("fetch_failed", "fetch_bans", "serve_bans", "streams_refused")
+        counts = " | ".join(str(last.get(k, "-")) for k in keys)
+        out.append(f"| {p.name} | {', '.join(loaded) or 'none'} | {counts} |")
+    return out + [""]
 
 
 def _target_section(run: RunData, base: RunData | None, target: float | None, why: str) -> list[str]:

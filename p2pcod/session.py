@@ -276,5 +276,8 @@ class Session:
             "bytes_out": int(t.get("bytes_out", 0)),
             "fetch_ok": self.fetcher.stats["fetched"],
             "fetch_failed": self.fetcher.stats["failed"],
+            "fetch_bans": self.fetcher.stats["banned"],  # peers we stopped fetching from (repeat offenders)
+            "serve_bans": int(t.get("banned", 0)),  # peers our blob server stopped serving (floods)
+            "streams_refused": int(t.get("flood_refused", 0)) + int(t.get("banned_refused", 0)),
             "published_step": self._published[0],
         }

@@ -17,6 +17,7 @@ Spec (TOML; validated in full by p2pcod/simspec.py before any process starts):
     download_mbit = 0
     latency_ms = 0
     compare_alone = false           # then run the same peers with topology "none" into RUN_DIR/alone
+    compare_clean = false           # then run the honest peers without the adversaries into RUN_DIR/clean
     baseline = "runs/..."           # or: an existing run directory the report compares against
     sync_start = true               # hold (SIGSTOP) each initial peer once it has joined, until all have
     [swarm.set.train]               # recipe overrides for every peer (any section: train, model, ...)
@@ -28,6 +29,9 @@ Spec (TOML; validated in full by p2pcod/simspec.py before any process starts):
     recipe = "peers/lm-small.toml"
     upload_mbit = 1.0
     set = { model = { width = 96 } }
+    # role = "adversary"            # a hostile peer (p2pcod/adversary.py) instead of a trainer: it joins
+    # attacks = ["bomb", "flood"]   #   with the swarm's recipe and cycles through these attacks,
+    # attack_every_s = 20           #   this long each; it gets no data shard and is never waited for
 
     [[fault]]                       # optional fault schedule, applied in order
     kind = "kill"                   # kill (SIGKILL, the whole process group) | restart (--resume, same
@@ -67,6 +71,7 @@ from p2pcod.errors import SwarmError
 from p2pcod.simspec import FaultSpec, PeerSpec, SimSpec, load_spec
 
 PEER_COMMAND: tuple[str, ...] = (sys.executable, "-m", "p2pcod", "peer")
+ADVERSARY_COMMAND: tuple[str, ...] = (sys.executable, "-m", "p2pcod.adversary")
 LISTEN = "/ip4/127.0.0.1/tcp/0"
 LINGER_S = 900.0  # finished peers keep serving until the simulator stops them (bounded, for orphans)
 POLL_S = 0.5
@@ -225,7 +230,7 @@ class Simulation:
     def _done(self) -> bool:
         if any(f.kind in ("join", "restart") for f in self.pending):
             return False
-        return all(p.finished or p.ended for p in self.peers)
+        return all(p.finished or p.ended for p in self.peers if p.spec.honest)  # adversaries never finish
 
     def _poll(self) -> None:
         for peer in self.peers:
@@ -360,11 +365,19 @@ class Simulation:
     # ---- processes ------------------------------------------------------------------------------
     def _command(self, peer: PeerState, resume: bool) -> list[str]:
         spec = peer.spec
-        cmd = self.peer_command + [
-            "--config", str(spec.recipe), "--name", spec.name, "--swarm", self.swarm,
-            "--run-dir", str(peer.run_dir), "--shard", f"{spec.index}/{len(self.peers)}",
-            "--listen", LISTEN, "--linger", str(LINGER_S), "--control", str(peer.run_dir / "control.json"),
-        ]
+        if not spec.honest:
+            cmd = list(ADVERSARY_COMMAND) + [
+                "--config", str(spec.recipe), "--name", spec.name, "--swarm", self.swarm,
+                "--run-dir", str(peer.run_dir), "--listen", LISTEN, "--attack", ",".join(spec.attacks),
+                "--every", str(spec.attack_every_s),
+            ]
+        else:
+            honest = self.spec.honest_peers  # the data is split among the honest peers only
+            cmd = self.peer_command + [
+                "--config", str(spec.recipe), "--name", spec.name, "--swarm", self.swarm,
+                "--run-dir", str(peer.run_dir), "--shard", f"{honest.index(spec)}/{len(honest)}",
+                "--listen", LISTEN, "--linger", str(LINGER_S), "--control", str(peer.run_dir / "control.json"),
+            ]
         for other in self.peers:
             if other is not peer and other.running and other.joined:
                 cmd += [a for m in other.maddrs[:1] for a in ("--join", m)]
@@ -400,10 +413,12 @@ class Simulation:
         peer.joined = peer.finished = peer.ended = False
         kind = "restart" if resume else "start"
         late = fault is not None and not resume
+        hostile = {} if peer.spec.honest else {"role": peer.spec.role, "attacks": list(peer.spec.attacks)}
         self._event(kind, peer, incarnation=peer.incarnation, late=late, fault=fault,
-                    joins=cmd.count("--join"))
+                    joins=cmd.count("--join"), **hostile)
         self.progress(f"{self._stamp()} {peer.name:<8} {kind.upper()}{' (late join)' if late else ''} "
-                      f"pid {peer.proc.pid}" + (f" from step {peer.last_step}" if resume else ""))
+                      f"pid {peer.proc.pid}" + (f" from step {peer.last_step}" if resume else "")
+                      + (f" ADVERSARY: {', '.join(peer.spec.attacks)}" if hostile else ""))
 
     def _stop_all(self) -> None:
         """SIGTERM every live peer (it saves and leaves), wait, then SIGKILL every group we made."""
@@ -470,10 +485,15 @@ def run_simulation(
             progress(f"now the same peers alone (topology none) -> {alone_dir}")
             Simulation(spec.alone(), alone_dir, progress=progress, stop=stop, peer_command=peer_command).run()
             baseline = alone_dir
+        if spec.compare_clean and not stop.is_set():
+            clean_dir = run_dir / "clean"
+            progress(f"now the same honest peers without the adversaries -> {clean_dir}")
+            Simulation(spec.clean(), clean_dir, progress=progress, stop=stop, peer_command=peer_command).run()
+            baseline = clean_dir
     if report:
         from p2pcod.report import write_report
 
-        if baseline is not None and baseline == run_dir / "alone":
+        if baseline is not None and baseline.parent == run_dir and baseline.name in ("alone", "clean"):
             write_report(baseline)
         summary = write_report(run_dir, baseline=baseline)
         progress(f"report: {summary}")

@@ -7,6 +7,7 @@ The schema is documented in p2pcod/sim.py and topologies/README.md.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -26,9 +27,11 @@ SECTIONS = ("task", "model", "train", "distill", "exchange")
 SWARM_KEYS = {
     "name", "recipe", "peers", "topology", "k", "split", "steps", "budget_s", "threads", "set",
     "upload_mbit", "download_mbit", "latency_ms", "compare_alone", "baseline", "startup_timeout_s",
-    "stop_timeout_s", "description", "sync_start",
+    "stop_timeout_s", "description", "sync_start", "compare_clean",
 }
 PEER_KEYS = {"index", "name", "recipe", "set", "upload_mbit", "download_mbit", "latency_ms"}
+ADVERSARY_KEYS = {"role", "attacks", "attack_every_s"}  # [[peer]] keys of a hostile peer
+ROLES = ("honest", "adversary")
 FAULT_KEYS = {"kind", "peer", "at_step", "at_s", "after_s", "duration_s"}
 
 
@@ -41,6 +44,13 @@ class PeerSpec:
     recipe: Path
     overrides: tuple[str, ...]
     recipe_cfg: Recipe  # the effective recipe, loaded once to validate it
+    role: str = "honest"  # or "adversary": p2pcod/adversary.py attacking the others (tests, experiments)
+    attacks: tuple[str, ...] = ()  # an adversary's attacks, cycled
+    attack_every_s: float = 20.0
+
+    @property
+    def honest(self) -> bool:
+        return self.role == "honest"
 
 
 @dataclass(frozen=True)
@@ -67,6 +77,7 @@ class SimSpec:
     budget_s: float  # 0 = no wall-clock budget
     threads: int  # torch threads per peer
     compare_alone: bool = False
+    compare_clean: bool = False  # then run the honest peers alone in the same swarm (no adversaries)
     baseline: Path | None = None
     startup_timeout_s: float = 180.0
     stop_timeout_s: float = 60.0
@@ -78,12 +89,25 @@ class SimSpec:
     def late_peers(self) -> set[int]:
         return {f.peer for f in self.faults if f.kind == "join"}
 
+    @property
+    def honest_peers(self) -> tuple[PeerSpec, ...]:
+        return tuple(p for p in self.peers if p.honest)
+
+    def clean(self) -> SimSpec:
+        """The same swarm without its adversaries (same faults for the honest peers): the comparison run."""
+        keep = {p.index: i for i, p in enumerate(self.honest_peers)}
+        peers = tuple(dataclasses.replace(p, index=keep[p.index]) for p in self.honest_peers)
+        faults = tuple(dataclasses.replace(f, peer=keep[f.peer]) for f in self.faults if f.peer in keep)
+        return dataclasses.replace(self, name=f"{self.name}-clean", peers=peers, faults=faults, compare_alone=False,
+                                   compare_clean=False, baseline=None,
+                                   description=f"{self.name}: the same honest peers without the adversaries")
+
     def alone(self) -> SimSpec:
         """The same peers trained alone (topology none, no faults, no caps): the comparison run."""
-        peers = tuple(
-            PeerSpec(p.index, p.name, p.recipe, p.overrides + ('exchange.topology="none"',),
+        peers = tuple(  # the honest ones: adversaries have nothing to train alone
+            PeerSpec(i, p.name, p.recipe, p.overrides + ('exchange.topology="none"',),
                      p.recipe_cfg.replace(exchange={"topology": "none"}))
-            for p in self.peers
+            for i, p in enumerate(self.honest_peers)
         )
         return SimSpec(
             name=f"{self.name}-alone", path=self.path, peers=peers, faults=(), topology="none",
@@ -133,12 +157,14 @@ def parse_spec(raw: Mapping[str, Any], path: Path, cores: int | None = None) -> 
     if baseline is not None and not isinstance(baseline, str):
         raise ConfigError(f"swarm.baseline must be a run directory path, got {baseline!r}")
     compare_alone = _bool(swarm, "compare_alone", False)
+    compare_clean = _bool(swarm, "compare_clean", False)
+    _check_roles(peers, faults, compare_clean)
     name = swarm.get("name", path.stem)
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise ConfigError(f"swarm.name = {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
     return SimSpec(
         name=name, path=path, peers=peers, faults=faults, topology=peers[0].recipe_cfg.exchange.topology,
-        steps=steps, budget_s=budget, threads=threads, compare_alone=compare_alone,
+        steps=steps, budget_s=budget, threads=threads, compare_alone=compare_alone, compare_clean=compare_clean,
         baseline=Path(baseline) if baseline else None,
         startup_timeout_s=_num(swarm, "startup_timeout_s", "swarm.startup_timeout_s", default=180.0),
         stop_timeout_s=_num(swarm, "stop_timeout_s", "swarm.stop_timeout_s", default=60.0),
@@ -156,7 +182,7 @@ def _peer_tables(raw: Mapping[str, Any], n: int) -> dict[int, Mapping[str, Any]]
         where = f"peer[{j}]"
         if not isinstance(table, Mapping):
             raise ConfigError(f"{where} must be a table")
-        _check_keys(table, PEER_KEYS, f"{where}.")
+        _check_keys(table, PEER_KEYS | ADVERSARY_KEYS, f"{where}.")
         index = _int(table, "index", f"{where}.index", required=True)
         if not 0 <= index < n:
             raise ConfigError(f"{where}.index = {index} but the swarm has {n} peers")
@@ -192,7 +218,44 @@ def _peer(i: int, table: Mapping[str, Any], swarm: Mapping[str, Any], default_re
             overrides.append(f"exchange.{key}={float(value)}")
     overrides += _overrides(table, f"peer[{i}]")
     recipe_cfg = _load_recipe(recipe_path, overrides, f"peer {name}")
-    return PeerSpec(index=i, name=name, recipe=recipe_path, overrides=tuple(overrides), recipe_cfg=recipe_cfg)
+    role, attacks, every = _role(table, f"peer[{i}]")
+    return PeerSpec(index=i, name=name, recipe=recipe_path, overrides=tuple(overrides), recipe_cfg=recipe_cfg,
+                    role=role, attacks=attacks, attack_every_s=every)
+
+
+def _role(table: Mapping[str, Any], where: str) -> tuple[str, tuple[str, ...], float]:
+    from p2pcod.adversary import ATTACKS
+
+    role = table.get("role", "honest")
+    if role not in ROLES:
+        raise ConfigError(f"{where}.role = {role!r} is not one of {', '.join(ROLES)}")
+    if role == "honest":
+        extra = sorted(k for k in ADVERSARY_KEYS - {"role"} if k in table)
+        if extra:
+            raise ConfigError(f"{where}.{extra[0]} only applies to role = \"adversary\"")
+        return role, (), 20.0
+    attacks = table.get("attacks")
+    if isinstance(attacks, str):
+        attacks = [attacks]
+    if not isinstance(attacks, list) or not attacks:
+        raise ConfigError(f"{where}.attacks is missing: a list of some of {', '.join(ATTACKS)}")
+    for a in attacks:
+        if a not in ATTACKS:
+            raise ConfigError(f"{where}.attacks: {a!r} is not one of {', '.join(ATTACKS)}")
+    every = _num(table, "attack_every_s", f"{where}.attack_every_s", default=20.0)
+    if not (every > 0 and math.isfinite(every)):
+        raise ConfigError(f"{where}.attack_every_s = {every} must be a number > 0")
+    return role, tuple(attacks), every
+
+
+def _check_roles(peers: Sequence[PeerSpec], faults: Sequence[FaultSpec], compare_clean: bool) -> None:
+    if not peers[0].honest:
+        raise ConfigError("peer[0] bootstraps the swarm and must be honest (make another index the adversary)")
+    for f in faults:
+        if not peers[f.peer].honest:
+            raise ConfigError(f"fault[{f.index}].peer = {f.peer} is an adversary: faults apply to honest peers")
+    if compare_clean and all(p.honest for p in peers):
+        raise ConfigError("swarm.compare_clean = true needs at least one [[peer]] with role = \"adversary\"")
 
 
 def _load_recipe(path: Path, overrides: Sequence[str], who: str) -> Recipe:

@@ -1,4 +1,4 @@
-"""An honest Session against hostile peers that speak the real protocol (tests/adversary.py), on 127.0.0.1.
+"""An honest Session against hostile peers that speak the real protocol (p2pcod/adversary.py), on 127.0.0.1.
 
 For every attack: no bad teacher is ever loaded, the honest peer keeps running (its fetch rounds end within
 the fetch timeout), the offender is logged and, after repeated offences, banned. The cases of
@@ -13,10 +13,10 @@ import time
 
 import pytest
 import torch
-from adversary import LOCAL, Adversary, RecordForger, bomb, with_kept_value, with_scale
 from peerproc import eventually
 
 from p2pcod import codec
+from p2pcod.adversary import LOCAL, Adversary, RecordForger, bomb, with_kept_value, with_scale
 from p2pcod.config import ExchangeConfig
 from p2pcod.distill import DistillConfig
 from p2pcod.fetcher import Fetcher, FetchPolicy

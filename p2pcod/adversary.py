@@ -1,12 +1,16 @@
-"""Hostile peers for tests: they speak the real protocol (signed DHT records, the blob stream protocol)
-and break it on purpose, one way at a time.
+"""Hostile peers, for tests and for the simulator's hostile experiments (never for training).
 
+They speak the real protocol (signed DHT records, the blob stream protocol) and break it on purpose:
 - `Adversary`: a DHT member with a valid identity that announces whatever record and answers blob
   requests according to `mode` (serve / truncated / endless / stall), and can flood another peer's blob
   server with streams.
 - `RecordForger`: a raw hivemind DHT node without p2pcod's record validator, that stores garbage or
   records claiming another peer's identity under its own signed subkey.
 - Blob forgers: codec blobs with NaN / Inf weights or a decompression bomb, with valid checksums.
+- `python -m p2pcod.adversary --config RECIPE --attack bomb,nan,flood ...`: an adversary process for
+  `p2pcod simulate` (a `[[peer]]` with `role = "adversary"`): it builds the swarm's model from the recipe,
+  so that its records look like an honest peer's, and cycles through its attacks (see ATTACKS), logging
+  each to RUN_DIR/attacks.jsonl.
 """
 
 from __future__ import annotations
@@ -14,7 +18,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
+import json
 import struct
+import sys
 import threading
 import time
 import zlib
@@ -103,14 +110,15 @@ class Adversary:
     """
 
     def __init__(self, swarm: str, identity_dir: str | Path, initial_peers: list[str], name: str,
-                 task: str = "toy", ttl: float = 10.0) -> None:
+                 task: str = "toy", ttl: float = 10.0, host_maddrs: list[str] = LOCAL) -> None:
         self.swarm, self.name, self.task = swarm, name, task
-        self.m = Membership(swarm, identity_dir=identity_dir, initial_peers=initial_peers, host_maddrs=LOCAL,
+        self.m = Membership(swarm, identity_dir=identity_dir, initial_peers=initial_peers, host_maddrs=host_maddrs,
                             ttl=ttl)
         self.peer_id = self.m.peer_id
         self.mode = "serve"
         self.served = b""
         self.requests = 0  # blob requests received
+        self.opened = 0  # flood streams opened
         self._tasks: set[asyncio.Task] = set()
         self._streams: list[Any] = []  # writers of flood streams
         self.record: PeerRecord | None = None  # re-announced every `heartbeat` s, so that it never expires
@@ -190,7 +198,9 @@ class Adversary:
         async def all_() -> int:
             return sum(await asyncio.gather(*(one() for _ in range(n))))
 
-        return self.m.loop.run(all_(), timeout=60, what="flooding")
+        opened = self.m.loop.run(all_(), timeout=60, what="flooding")
+        self.opened += opened
+        return opened
 
     def stop_flood(self) -> None:
         async def go() -> None:
@@ -225,10 +235,10 @@ class RecordForger:
     """A raw hivemind DHT node (signature validator only, no p2pcod schema check) storing any value in the
     swarm's peers dictionary under its own signed subkey: garbage, or records with another peer's id."""
 
-    def __init__(self, swarm: str, initial_peers: list[str]) -> None:
+    def __init__(self, swarm: str, initial_peers: list[str], host_maddrs: list[str] = LOCAL) -> None:
         self.key = peers_key(swarm)
         self.signer = RSASignatureValidator(RSAPrivateKey())
-        self.dht = hivemind.DHT(initial_peers=initial_peers, start=True, host_maddrs=LOCAL,
+        self.dht = hivemind.DHT(initial_peers=initial_peers, start=True, host_maddrs=host_maddrs,
                                 record_validators=[self.signer])
 
     def store(self, value: Any, ttl: float = 60.0) -> bool:
@@ -240,3 +250,145 @@ class RecordForger:
 
 def state_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# ---- the adversary process of `p2pcod simulate` --------------------------------------------------------
+# Blob attacks announce a record for the swarm's architecture; the others attack the records or the servers.
+BLOB_ATTACKS = ("digest", "truncated", "endless", "stall", "wrong-arch", "nan", "inf", "bomb")
+ATTACKS = BLOB_ATTACKS + ("records", "impersonate", "flood")
+
+
+def blob_attack(attack: str, valid: bytes) -> tuple[str, bytes, bytes | None]:
+    """(serving mode, announced blob, served bytes or None = the announced blob) for a blob attack on
+    `valid`, a codec blob of the swarm's architecture."""
+    header, _ = split(valid)
+    if attack == "digest":
+        return "serve", valid, valid[:-1] + bytes([valid[-1] ^ 1])
+    if attack in ("truncated", "endless", "stall"):
+        return attack, valid, None  # the serving modes of Adversary
+    if attack == "wrong-arch":  # a valid blob of another architecture (one tensor short), announced as ours
+        state, meta = codec.decode(valid)
+        return "serve", codec.encode(dict(list(state.items())[:-1]), meta), None
+    if attack == "nan":
+        kept = [e for e in header["tensors"] if e["enc"] == "raw" and e["dtype"] == "float32"]
+        if kept:
+            return "serve", with_kept_value(valid, kept[0]["name"], float("nan"), index=0), None
+        attack = "inf"  # no fp32 tensor kept: poison a scale instead
+    if attack == "inf":
+        quantized = [e for e in header["tensors"] if e["enc"] == "q8"]
+        return "serve", with_scale(valid, quantized[0]["name"], float("inf")), None
+    if attack == "bomb":
+        return "serve", bomb(valid, 256 << 20), None
+    raise ValueError(f"not a blob attack: {attack!r}")
+
+
+def _write_json(path: Path, value: Mapping[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    tmp.replace(path)
+
+
+def run_adversary(recipe: Any, *, name: str, swarm: str, run_dir: Path, join: list[str], listen: list[str],
+                  attacks: list[str], every_s: float, stop: threading.Event) -> None:
+    """Join `swarm` as `name` and cycle through `attacks`, `every_s` seconds each, until `stop`."""
+    from p2pcod.tasks import get_task  # the task builds the swarm's model (and its data, which we ignore)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # both DHT processes are forked before torch starts its thread pools (as in p2pcod.peer)
+    adv = Adversary(swarm, run_dir / "identity", join, name, task="?", ttl=recipe.exchange.ttl, host_maddrs=listen)
+    forger = RecordForger(swarm, join or adv.m.visible_maddrs(), host_maddrs=listen) if "records" in attacks else None
+    log_file = (run_dir / "attacks.jsonl").open("a")
+    try:
+        task = get_task(recipe.task)
+        adv.task = task.name
+        model = task.build_model(recipe.model)
+        state = model.state_dict()
+        valid = codec.encode(state, {"peer": name}, recipe.exchange.codec_options())
+        fingerprint, cfg = codec.fingerprint(state), dict(recipe.model)
+        _write_json(run_dir / "peer.json", {"name": name, "swarm": swarm, "peer_id": adv.peer_id, "role": "adversary",
+                                            "attacks": attacks, "maddrs": adv.m.visible_maddrs(), "time": time.time()})
+        t0, step = time.monotonic(), 10**6  # a step far ahead of everyone: always the freshest record
+        for round_ in itertools.count():
+            attack = attacks[round_ % len(attacks)]
+            step += 1
+            others = [r for r in adv.m.members() if r.peer_id != adv.peer_id]
+            detail = ""
+            if attack in BLOB_ATTACKS:
+                mode, blob, served = blob_attack(attack, valid)
+                adv.offer(blob, step=step, model_cfg=cfg, fingerprint=fingerprint, mode=mode, served=served)
+            elif attack == "impersonate" and others:  # an honest peer's name with a newer step
+                victim = others[round_ % len(others)].name
+                adv.offer(valid, step=step, model_cfg=cfg, fingerprint=fingerprint, name=victim)
+                detail = victim
+            elif attack == "records" and forger is not None:
+                victim = others[0].peer_id if others else adv.peer_id
+                garbage = [{"v": 1, "name": "forged", "peer_id": victim, "step": step, "digest": "", "size": 0,
+                            "codec": CODEC_ID, "task": adv.task, "model_cfg": cfg, "fingerprint": fingerprint,
+                            "time": time.time()}, {"v": 1, "name": 7}, [1, 2, 3], "junk"]
+                stored = sum(forger.store(g) for g in garbage)
+                detail = f"{stored} of {len(garbage)} stored"
+            log_file.write(json.dumps({"t": round(time.monotonic() - t0, 3), "attack": attack, "detail": detail,
+                                       "requests": adv.requests, "flood_streams": adv.opened}) + "\n")
+            log_file.flush()
+            deadline = time.monotonic() + every_s
+            while not stop.is_set() and time.monotonic() < deadline:
+                if attack == "flood":
+                    for r in adv.m.members():
+                        if r.peer_id != adv.peer_id:
+                            adv.flood(r.peer_id, 12)
+                    stop.wait(1.0)
+                    adv.stop_flood()
+                else:
+                    stop.wait(min(0.5, max(0.0, deadline - time.monotonic())))
+            if stop.is_set():
+                break
+    finally:
+        log_file.write(json.dumps({"t": None, "attack": "end", "requests": adv.requests,
+                                   "flood_streams": adv.opened}) + "\n")
+        log_file.close()
+        if forger is not None:
+            forger.close()
+        adv.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import logging
+    import signal
+
+    from p2pcod.config import load_recipe
+    from p2pcod.errors import P2pcodError
+
+    ap = argparse.ArgumentParser(prog="python -m p2pcod.adversary", description=__doc__.splitlines()[0])
+    ap.add_argument("--config", required=True, help="the swarm's peer recipe (its model is what we forge)")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--swarm", required=True)
+    ap.add_argument("--run-dir", required=True, type=Path)
+    ap.add_argument("--join", action="append", default=[])
+    ap.add_argument("--listen", action="append", default=[])
+    ap.add_argument("--attack", required=True, help=f"comma-separated, cycled: {', '.join(ATTACKS)}")
+    ap.add_argument("--every", type=float, default=20.0, help="seconds per attack")
+    args, _unknown = ap.parse_known_args(argv)  # the simulator's peer flags (--shard, --linger...) are ignored
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    attacks = [a.strip() for a in args.attack.split(",") if a.strip()]
+    bad = [a for a in attacks if a not in ATTACKS]
+    if not attacks or bad or not args.every > 0:
+        print(f"adversary: --attack must list some of {', '.join(ATTACKS)} (got {args.attack!r}) and --every "
+              f"must be > 0", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        recipe = load_recipe(args.config, args.set)
+        run_adversary(recipe, name=args.name, swarm=args.swarm, run_dir=args.run_dir, join=args.join,
+                      listen=args.listen or LOCAL, attacks=attacks, every_s=args.every, stop=stop)
+    except P2pcodError as err:
+        print(f"adversary: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
