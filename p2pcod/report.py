@@ -41,6 +41,16 @@ class PeerRun:
     def final_step(self) -> int:
         return max((int(r["step"]) for r in self.rows), default=0)
 
+    def steps_per_s(self) -> float | None:
+        """Training rate: steps over the metrics clock, summed over incarnations (restarts' gaps excluded)."""
+        steps = seconds = 0.0
+        for idx in self.incarnations():
+            timed = [self.rows[i] for i in idx if "time" in self.rows[i]]
+            if len(timed) >= 2:
+                steps += int(timed[-1]["step"]) - int(timed[0]["step"])
+                seconds += float(timed[-1]["time"]) - float(timed[0]["time"])
+        return steps / seconds if seconds > 0 and steps > 0 else None
+
     def incarnations(self) -> list[list[int]]:
         """Row indices per process lifetime: a new one starts at a resume or when steps go back."""
         out: list[list[int]] = []
@@ -173,7 +183,7 @@ def peer_table(run: RunData) -> list[dict[str, Any]]:
         sent = p.total_bytes("bytes_out")[-1] if p.rows else 0.0
         got = p.total_bytes("bytes_in")[-1] if p.rows else 0.0
         out.append({
-            "peer": p.name, "steps": p.final_step, "final": curve[-1][1] if curve else None,
+            "peer": p.name, "steps": p.final_step, "rate": p.steps_per_s(), "final": curve[-1][1] if curve else None,
             "best": min(v for _, v in curve) if curve else None, "sent": sent, "received": got,
             "sent_per_step": sent / steps, "received_per_step": got / steps,
             "ratio": sent / steps / allreduce if allreduce else None,
@@ -354,15 +364,19 @@ def _peer_section(run: RunData, base: RunData | None, n: int, params: int | None
         out += [f"A ring all-reduce of fp32 gradients for this model ({params:,} parameters, N = {n}) sends "
                 f"2·(N−1)/N · 4·params = {allreduce / 1e3:,.1f} kB per step per peer.", ""]
     matched = _matched(run, base)
-    head = "| peer | steps | final val | best val |"
+    head = "| peer | steps | steps/s |" + (" steps/s baseline |" if base is not None else "")
+    head += " final val | best val |"
     if base is not None:
         head += " final val alone/baseline | change |"
     head += " MB sent | MB received | kB sent/step | vs all-reduce |"
     out += [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        line = f"| {r['peer']} | {r['steps']} | {_fmt(r['final'])} | {_fmt(r['best'])} |"
+        b = matched.get(r["peer"])
+        line = f"| {r['peer']} | {r['steps']} | {_fmt_rate(r['rate'])} |"
         if base is not None:
-            b = matched.get(r["peer"])
+            line += f" {_fmt_rate(b.steps_per_s() if b else None)} |"
+        line += f" {_fmt(r['final'])} | {_fmt(r['best'])} |"
+        if base is not None:
             bf = b.val_curve()[-1][1] if b and b.val_curve() else None
             change = f"{(r['final'] - bf) / bf * 100:+.1f}%" if bf and r["final"] is not None else "-"
             line += f" {_fmt(bf)} | {change} |"
@@ -383,6 +397,10 @@ def _matched(run: RunData, base: RunData | None) -> dict[str, PeerRun]:
 
 def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.4f}"
+
+
+def _fmt_rate(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}"
 
 
 def _fmt_steps(s: int | None) -> str:
