@@ -77,6 +77,7 @@ class Session:
             download_rate=exchange.download_mbit * MBIT or None,
             max_streams_per_peer=exchange.max_streams_per_peer,
             ban_for=exchange.ban_for,
+            stall_timeout=exchange.stall_timeout,
         )
         self.teachers = TeacherPool(
             build_model, distill_cfg, kind, max_teachers=exchange.max_teachers or None

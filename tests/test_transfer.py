@@ -81,6 +81,10 @@ class RawPeer:
             await reader.readexactly(REQUEST_LEN)
             if self.mode == "stall":
                 await asyncio.sleep(3600)
+            if self.mode == "stall-mid":  # the header and a few bytes, then silence
+                writer.write(OK + len(self.payload).to_bytes(8, "big") + self.payload[:1000])
+                await writer.drain()
+                await asyncio.sleep(3600)
             size = len(self.payload) - (1 if self.mode == "extra" else 0)
             writer.write(OK + size.to_bytes(8, "big") + self.payload)
             await writer.drain()
@@ -180,6 +184,36 @@ def test_hostile_server_stall_garbage_extra(pair, raw):
     raw.mode, raw.payload = "short", pair.blob[:1000]  # the header lies the other way
     with pytest.raises(BlobMismatch, match="record says"):
         pair.tb.fetch(raw.peer_id, pair.digest, len(pair.blob), max_bytes=10 * MB, timeout=10)
+
+
+@pytest.mark.parametrize("mode", ["stall", "stall-mid"])
+def test_a_stalled_download_fails_long_before_the_total_timeout(pair, raw, mode):
+    raw.mode, raw.payload = mode, pair.blob
+    pair.tb.stall_timeout = 1.0
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(TransferTimeout, match="stalled: nothing for 1 s at byte"):
+            pair.tb.fetch(raw.peer_id, pair.digest, len(pair.blob), max_bytes=10 * MB, timeout=60)
+        assert time.monotonic() - t0 < 20  # not the 60 s bound
+    finally:
+        pair.tb.stall_timeout = 15.0
+
+
+def test_a_slow_capped_upload_is_not_a_stall(pair):
+    """An upload cap sends small chunks: at 64 kB/s, bytes arrive far more often than a 1 s stall timeout."""
+    pair.ta.upload_bucket = TokenBucket(64e3)
+    pair.tb.stall_timeout = 1.0
+    blob = os.urandom(200_000)
+    digest = hashlib.sha256(blob).hexdigest()
+    pair.ta.publish(blob, digest)
+    try:
+        t0 = time.monotonic()
+        assert pair.tb.fetch(pair.a.peer_id, digest, len(blob), max_bytes=10 * MB, timeout=60) == blob
+        assert time.monotonic() - t0 >= 1.5  # (200 kB - the 64 kB burst) at 64 kB/s: the cap did apply
+    finally:
+        pair.ta.upload_bucket = TokenBucket(None)
+        pair.tb.stall_timeout = 15.0
+        pair.ta.publish(pair.blob, pair.digest)
 
 
 def test_download_rate_limit(pair):

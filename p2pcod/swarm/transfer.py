@@ -42,6 +42,7 @@ _STATUS_TEXT = {
 _DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 MAX_HANDSHAKES = 64  # connections still sending their request; more are refused at once
 MAX_STREAMS_PER_PEER = 4  # open blob streams (request or upload) from one remote peer; more are refused
+STALL_TIMEOUT = 15.0  # a fetch fails when the server sends nothing for this long (its total bound is longer)
 SERVE_BAN_AFTER = 16  # offences (excess streams, bad or missing requests) within OFFENCE_WINDOW before a ban
 SERVE_BAN_FOR = 300.0  # seconds a banned peer's streams are cut without an answer
 OFFENCE_WINDOW = 60.0
@@ -136,6 +137,7 @@ class Transfer:
         max_streams_per_peer: int = MAX_STREAMS_PER_PEER,
         ban_after: int = SERVE_BAN_AFTER,
         ban_for: float = SERVE_BAN_FOR,
+        stall_timeout: float = STALL_TIMEOUT,
     ) -> None:
         if chunk_size < 1024 or max_concurrent_uploads < 1 or max_streams_per_peer < 1 or ban_after < 1:
             raise ValueError("chunk_size must be >= 1024, max_concurrent_uploads, max_streams_per_peer and "
@@ -149,6 +151,7 @@ class Transfer:
         self.upload_timeout = upload_timeout
         self.max_streams_per_peer = int(max_streams_per_peer)
         self.ban_after = int(ban_after)
+        self.stall_timeout = float(stall_timeout)
         self.ban_for = float(ban_for)
         self.upload_bucket = TokenBucket(upload_rate)
         self.download_bucket = TokenBucket(download_rate)
@@ -329,8 +332,11 @@ class Transfer:
     async def _send(self, blob: bytes, writer: asyncio.StreamWriter) -> None:
         writer.write(OK + len(blob).to_bytes(8, "big"))
         view = memoryview(blob)
-        for offset in range(0, len(blob), self.chunk_size):
-            chunk = view[offset : offset + self.chunk_size]
+        step = self.chunk_size
+        if not self.upload_bucket.unlimited:  # small chunks keep bytes flowing: a slow upload is no stall
+            step = min(step, max(16 * 1024, int(self.upload_bucket.rate / 4)))
+        for offset in range(0, len(blob), step):
+            chunk = view[offset : offset + step]
             await self.upload_bucket.aconsume(len(chunk))
             writer.write(chunk)
             await asyncio.wait_for(writer.drain(), self.upload_stall_timeout)
@@ -401,14 +407,24 @@ class Transfer:
         finally:
             writer.transport.abort()
 
+    async def _stalls(self, read: Any, peer: PeerID, digest: str, got: int, size: int) -> Any:
+        """`read` (an awaitable), failing if the peer sends nothing for `stall_timeout` s."""
+        try:
+            return await asyncio.wait_for(read, self.stall_timeout)
+        except asyncio.TimeoutError:
+            raise TransferTimeout(
+                f"peer {peer} stalled: nothing for {self.stall_timeout:.0f} s at byte {got} of {size} of blob "
+                f"{digest[:12]}"
+            ) from None
+
     async def _receive(self, reader: asyncio.StreamReader, peer: PeerID, digest: str, size: int) -> bytes:
-        status = await reader.readexactly(1)
+        status = await self._stalls(reader.readexactly(1), peer, digest, 0, size)
         if status != OK:
             cls = {NOT_FOUND: BlobNotServed, BUSY: PeerBusy}.get(status, TransferError)
             raise cls(
                 f"peer {peer} {_STATUS_TEXT.get(status, 'sent an unknown status for')} blob {digest[:12]}"
             )
-        announced = int.from_bytes(await reader.readexactly(8), "big")
+        announced = int.from_bytes(await self._stalls(reader.readexactly(8), peer, digest, 0, size), "big")
         if announced != size:
             raise BlobMismatch(
                 f"peer {peer} is sending {announced} bytes for blob {digest[:12]}; its record says {size}"
@@ -418,7 +434,7 @@ class Transfer:
         sha = hashlib.sha256()
         got = 0
         while got < size:
-            chunk = await reader.read(min(self.chunk_size, size - got))
+            chunk = await self._stalls(reader.read(min(self.chunk_size, size - got)), peer, digest, got, size)
             if not chunk:
                 raise BlobMismatch(f"peer {peer} sent {got} of the {size} bytes of blob {digest[:12]}")
             self._count("bytes_in", len(chunk))
