@@ -18,6 +18,7 @@ from typing import Any
 
 from p2pcod.config import Recipe, load_recipe, read_toml
 from p2pcod.errors import ConfigError
+from p2pcod.tasks import poison_of
 
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 FAULT_KINDS = ("kill", "restart", "join", "cut")
@@ -262,6 +263,7 @@ def _load_recipe(path: Path, overrides: Sequence[str], who: str) -> Recipe:
     try:
         recipe = load_recipe(path, overrides)
         recipe.exchange.topology_config()  # validates the topology name and its parameters
+        poison_of(recipe.task)  # a bad task.poison must stop the spec, not one peer minutes later
     except ConfigError as err:
         raise ConfigError(f"{who}: {err}") from None
     return recipe

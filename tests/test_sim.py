@@ -140,6 +140,7 @@ def assert_no_processes(simulation: sim.Simulation | None, run_dir: Path) -> Non
     ("[[peer]]\nindex = 1\nset = {nonsense = {a = 3}}", "peer[1].set.nonsense"),
     ("[[peer]]\nindex = 1\nupload_mbit = -1.0", "peer[1].upload_mbit"),
     ("[[peer]]\nindex = 1\nrecipe = 'peers/nope.toml'", "peer[1].recipe = 'peers/nope.toml': no such file"),
+    ("[[peer]]\nindex = 1\nset = {task = {poison = 'evil'}}", "task.poison must be one of"),
 ])
 def test_bad_spec_names_the_key_and_starts_nothing(tmp_path, monkeypatch, extra, message):
     body = BASIC.replace("[swarm]", extra, 1) if extra.startswith("[swarm]") else BASIC + extra
