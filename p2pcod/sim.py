@@ -12,7 +12,7 @@ Spec (TOML; validated in full by p2pcod/simspec.py before any process starts):
     split = "disjoint"              # train.split: disjoint | same | noniid
     steps = 200                     # train.steps of every peer (default: the recipe's)
     budget_s = 0                    # wall-clock budget in seconds; 0 = until every peer is done
-    threads = 0                     # torch threads per peer; 0 = max(1, cores // N)
+    threads = 0                     # torch threads per peer (per rank); 0 = max(1, cores // all ranks)
     upload_mbit = 0                 # caps for every peer (Mbit/s, 0 = none) and added latency per transfer
     download_mbit = 0
     latency_ms = 0
@@ -25,6 +25,7 @@ Spec (TOML; validated in full by p2pcod/simspec.py before any process starts):
     [[peer]]                        # optional, per peer (heterogeneous swarms, per-peer caps)
     index = 2                       # which peer (0..N-1); name defaults to p<index>
     name = "big"
+    group_size = 2                  # ranks (processes) of this peer, default 1 (also a [swarm] default)
     recipe = "peers/lm-small.toml"
     upload_mbit = 1.0
     set = { model = { width = 96 } }
@@ -40,9 +41,14 @@ Run directory (default runs/<spec stem>-<timestamp>): spec.toml (a copy), events
 kill, restart, cut, exit with time, pid and step; kill, cut, heal and joined also carry `swarm_steps`, the
 last step of every running peer, which shows who kept training through a fault), peers/<name>/ (the
 peer's own run dir: metrics.jsonl, peer.json, checkpoint, identity/, control.json, peer.log with its stdout
-and stderr), then the report
+and stderr; a group's rank r > 0 logs to ranks/rank<r>/), then the report
 (p2pcod/report.py). Every peer runs in its own process group; at the end, on Ctrl+C/SIGTERM and on any
 error, each gets SIGTERM (it saves and leaves), then SIGKILL for the group; an atexit hook does the same.
+
+A peer with group_size N > 1 is N processes (each in its own process group) started with torchrun's
+environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, a free MASTER_PORT per incarnation); rank 0 is the
+swarm member whose files the simulator reads. Faults and the stop act on every rank (restart: every rank with
+--resume), and a rank that dies ends its group: the other ranks are killed and the exit is reported.
 """
 
 from __future__ import annotations
