@@ -475,6 +475,8 @@ class Simulation:
             for pgid in peer.pgids:
                 _killpg(pgid, signal.SIGKILL)
             for proc in peer.procs:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=5)  # reap a rank that was still running (e.g. its rank 0 died since the poll)
                 _LIVE.discard(proc)
             self._read_metrics(peer, quiet=True)  # the last rows, for events; no printing while stopping
             self._close_clock(peer)
