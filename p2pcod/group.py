@@ -148,25 +148,6 @@ class Group:
         return box[0]
 
 
-def pool_snapshot(pool: TeacherPool) -> list[dict[str, Any]]:
-    """A consistent copy of the teachers a pool holds: name, step, model config, meta and CPU weights."""
-    with pool._lock:  # the slots in use cannot be reloaded while busy (see TeacherPool.swap)
-        slots = [pool._active[n] for n in sorted(pool._active)]
-        for s in slots:
-            s.busy += 1
-    try:
-        return [
-            {"name": s.info.name, "step": s.info.step, "model_cfg": dict(s.info.model_cfg), "meta": dict(s.info.meta),
-             "received_at": s.info.received_at,
-             "state": {k: v.detach().to("cpu", copy=True) for k, v in s.module.state_dict().items()}}
-            for s in slots
-        ]
-    finally:
-        with pool._lock:
-            for s in slots:
-                s.busy -= 1
-
-
 def _signature(pool: TeacherPool) -> dict[str, tuple[int, float]]:
     return {i.name: (i.step, i.received_at) for i in pool.info()}
 
@@ -203,7 +184,11 @@ class TeacherSync:
     def _exchange(self) -> None:
         payload = None
         if self.group.is_root:
-            teachers = pool_snapshot(self.source)
+            teachers = [  # plain data: broadcast_object_list pickles it
+                {"name": c.info.name, "step": c.info.step, "model_cfg": dict(c.info.model_cfg),
+                 "meta": dict(c.info.meta), "received_at": c.info.received_at, "state": c.state}
+                for c in self.source.snapshot()
+            ]
             current = {t["name"]: (t["step"], t["received_at"]) for t in teachers}
             changed = [t for t in teachers if self._sent.get(t["name"]) != current[t["name"]]]
             self._sent = current

@@ -12,7 +12,7 @@ Spec (TOML; validated in full by p2pcod/simspec.py before any process starts):
     split = "disjoint"              # train.split: disjoint | same | noniid
     steps = 200                     # train.steps of every peer (default: the recipe's)
     budget_s = 0                    # wall-clock budget in seconds; 0 = until every peer is done
-    threads = 0                     # torch threads per peer; 0 = max(1, cores // N)
+    threads = 0                     # torch threads per peer (per rank); 0 = max(1, cores // all ranks)
     upload_mbit = 0                 # caps for every peer (Mbit/s, 0 = none) and added latency per transfer
     download_mbit = 0
     latency_ms = 0
@@ -26,6 +26,7 @@ Spec (TOML; validated in full by p2pcod/simspec.py before any process starts):
     [[peer]]                        # optional, per peer (heterogeneous swarms, per-peer caps)
     index = 2                       # which peer (0..N-1); name defaults to p<index>
     name = "big"
+    group_size = 2                  # ranks (processes) of this peer, default 1 (also a [swarm] default)
     recipe = "peers/lm-small.toml"
     upload_mbit = 1.0
     set = { model = { width = 96 } }
@@ -44,9 +45,14 @@ Run directory (default runs/<spec stem>-<timestamp>): spec.toml (a copy), events
 kill, restart, cut, exit with time, pid and step; kill, cut, heal and joined also carry `swarm_steps`, the
 last step of every running peer, which shows who kept training through a fault), peers/<name>/ (the
 peer's own run dir: metrics.jsonl, peer.json, checkpoint, identity/, control.json, peer.log with its stdout
-and stderr), then the report
+and stderr; a group's rank r > 0 logs to ranks/rank<r>/), then the report
 (p2pcod/report.py). Every peer runs in its own process group; at the end, on Ctrl+C/SIGTERM and on any
 error, each gets SIGTERM (it saves and leaves), then SIGKILL for the group; an atexit hook does the same.
+
+A peer with group_size N > 1 is N processes (each in its own process group) started with torchrun's
+environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, a free MASTER_PORT per incarnation); rank 0 is the
+swarm member whose files the simulator reads. Faults and the stop act on every rank (restart: every rank with
+--resume), and a rank that dies ends its group: the other ranks are killed and the exit is reported.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -117,10 +124,18 @@ class PeerState:
     killed_at: float | None = None  # sim time of the kill awaiting a restart
     ended: bool = False  # exited for good (or killed with no restart pending)
     pgids: list[int] = field(default_factory=list)
+    ranks: list[subprocess.Popen] = field(default_factory=list)  # a group's ranks 1..N-1 (rank 0 is `proc`)
+    rank_logs: list[IO[str]] = field(default_factory=list)
+    failed_rank: int = 0  # the rank whose exit ended the group
 
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def procs(self) -> list[subprocess.Popen]:
+        """Every rank process of the current incarnation, rank 0 (the swarm member) first."""
+        return ([self.proc] if self.proc is not None else []) + self.ranks
 
     @property
     def running(self) -> bool:
@@ -193,7 +208,8 @@ class Simulation:
                 return "stopped"
             self._holding = False
             for peer in initial:  # every initial peer has joined: all start training together
-                _signal(peer.proc, signal.SIGCONT)
+                for proc in peer.procs:
+                    _signal(proc, signal.SIGCONT)
             self._event("go", held={p.name: p.last_step for p in initial})
             self.progress(f"{self._stamp()} all {len(initial)} peers joined: training starts")
         while True:
@@ -219,8 +235,9 @@ class Simulation:
                 return False
             for peer in peers:
                 if not peer.running:
-                    raise SwarmError(f"peer {peer.name} exited with code {peer.proc.returncode} before joining; its "
-                                     f"log {peer.run_dir / 'peer.log'} ends with:\n{_tail(peer.run_dir / 'peer.log')}")
+                    who, rc, log = _failure(peer)
+                    raise SwarmError(f"{who} exited with code {rc} before joining; its log {log} ends with:\n"
+                                     f"{_tail(log)}")
                 if time.monotonic() > deadline and not peer.joined:
                     raise SwarmError(f"peer {peer.name} did not write {peer.run_dir / 'peer.json'} within "
                                      f"{self.spec.startup_timeout_s:.0f} s (swarm.startup_timeout_s)")
@@ -239,15 +256,20 @@ class Simulation:
             if not peer.joined:
                 self._check_joined(peer)
             self._read_metrics(peer)
-            rc = peer.proc.poll()
+            rank, rc = _exited(peer)
             if rc is not None and not peer.ended and peer.killed_at is None:
                 peer.ended = True
-                _LIVE.discard(peer.proc)
-                _killpg(peer.proc.pid, signal.SIGKILL)  # its DHT process and daemon, if left behind
-                self._event("exit", peer, rc=rc, unexpected=not peer.finished)
-                if not peer.finished:
+                peer.failed_rank = rank
+                codes = [p.poll() for p in peer.procs]  # before the kill: which ranks had exited, how
+                _kill_ranks(peer)  # every rank, its DHT process and daemon, if left behind: one dead rank ends a group
+                unexpected = not peer.finished or rank > 0
+                self._event("exit", peer, rc=rc, unexpected=unexpected, rank=rank if peer.ranks else None,
+                            ranks_rc=codes if peer.ranks else None)
+                if unexpected:
+                    who, _, log = _failure(peer)
                     self.progress(f"{self._stamp()} {peer.name:<8} EXITED with code {rc} at step "
-                                  f"{peer.last_step}; log tail:\n{_tail(peer.run_dir / 'peer.log')}")
+                                  f"{peer.last_step}{f' ({who}: the whole group is stopped)' if rank else ''}; "
+                                  f"log tail:\n{_tail(log)}")
         for name, until in list(self.heal_at.items()):
             if self.elapsed >= until:
                 del self.heal_at[name]
@@ -265,10 +287,12 @@ class Simulation:
             return  # the previous incarnation's
         peer.joined = True
         if self._holding:  # hold it (its DHT process keeps serving) until every initial peer has joined
-            _signal(peer.proc, signal.SIGSTOP)
+            for proc in peer.procs:
+                _signal(proc, signal.SIGSTOP)
         peer.maddrs = [str(a) for a in info.get("maddrs", [])]
         self._event("joined", peer, peer_id=info.get("peer_id"), peer_unix=info.get("time"),
-                    resumed_from=info.get("resumed_from"), params=info.get("params"), swarm_steps=self._steps())
+                    resumed_from=info.get("resumed_from"), params=info.get("params"), swarm_steps=self._steps(),
+                    group_size=info.get("group_size"))
 
     def _read_metrics(self, peer: PeerState, quiet: bool = False) -> None:
         path = peer.run_dir / "metrics.jsonl"
@@ -329,11 +353,9 @@ class Simulation:
 
     def _fault_kill(self, f: FaultSpec, peer: PeerState) -> None:
         pid = peer.proc.pid
-        _killpg(pid, signal.SIGKILL)
-        peer.proc.wait()
-        _LIVE.discard(peer.proc)
+        _kill_ranks(peer)  # a group: every rank
         peer.killed_at = self.elapsed
-        self._event("kill", peer, fault=f.index, swarm_steps=self._steps())
+        self._event("kill", peer, fault=f.index, swarm_steps=self._steps(), pids=_pids(peer))
         self.progress(f"{self._stamp()} {peer.name:<8} KILLED (SIGKILL) at step {peer.last_step}, pid {pid}")
         if not any(g.kind == "restart" and g.peer == f.peer for g in self.pending):
             peer.ended = True
@@ -405,46 +427,83 @@ class Simulation:
         peer.log.write(f"\n==== p2pcod sim: incarnation {peer.incarnation + 1}: {' '.join(cmd)}\n")
         peer.log.flush()
         peer.started_unix = time.time()
-        peer.proc = subprocess.Popen(cmd, stdout=peer.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=env, start_new_session=True)
-        _LIVE.add(peer.proc)
-        peer.pgids.append(peer.proc.pid)
+        procs = self._spawn(peer, cmd, env)
+        peer.proc, peer.ranks = procs[0], procs[1:]
         peer.incarnation += 1
         peer.joined = peer.finished = peer.ended = False
+        peer.failed_rank = 0
         kind = "restart" if resume else "start"
         late = fault is not None and not resume
         hostile = {} if peer.spec.honest else {"role": peer.spec.role, "attacks": list(peer.spec.attacks)}
         self._event(kind, peer, incarnation=peer.incarnation, late=late, fault=fault,
-                    joins=cmd.count("--join"), **hostile)
+                    joins=cmd.count("--join"), pids=_pids(peer), **hostile)
         self.progress(f"{self._stamp()} {peer.name:<8} {kind.upper()}{' (late join)' if late else ''} "
-                      f"pid {peer.proc.pid}" + (f" from step {peer.last_step}" if resume else "")
+                      f"pid {peer.proc.pid}" + (f" (group of {len(procs)})" if peer.ranks else "")
+                      + (f" from step {peer.last_step}" if resume else "")
                       + (f" ADVERSARY: {', '.join(peer.spec.attacks)}" if hostile else ""))
+
+    def _spawn(self, peer: PeerState, cmd: list[str], env: dict[str, str]) -> list[subprocess.Popen]:
+        """Rank 0 (a single peer's only process), then a group's other ranks, each in its own process group.
+
+        A group's ranks get the environment torchrun would give them (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR,
+        a free MASTER_PORT for each incarnation); rank r > 0 logs to RUN_DIR/peers/<name>/ranks/rank<r>/peer.log.
+        """
+        size = peer.spec.group_size
+        for old in peer.rank_logs:
+            old.close()
+        peer.rank_logs = []
+        master = {"WORLD_SIZE": str(size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+        procs: list[subprocess.Popen] = []
+        for rank in range(size):
+            log = peer.log
+            if rank > 0:
+                path = peer.run_dir / "ranks" / f"rank{rank}" / "peer.log"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                log = path.open("a")
+                peer.rank_logs.append(log)
+                log.write(f"\n==== p2pcod sim: incarnation {peer.incarnation + 1}, rank {rank}\n")
+                log.flush()
+            rank_env = {**env, **master, "RANK": str(rank), "LOCAL_RANK": str(rank)} if size > 1 else env
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env=rank_env, start_new_session=True)
+            _LIVE.add(proc)
+            peer.pgids.append(proc.pid)
+            procs.append(proc)
+        return procs
 
     def _stop_all(self) -> None:
         """SIGTERM every live peer (it saves and leaves), wait, then SIGKILL every group we made."""
         live = [p for p in self.peers if p.running]
         for peer in live:
-            _signal(peer.proc, signal.SIGCONT)  # a peer held at the start barrier must run to leave
-            _signal(peer.proc, signal.SIGTERM)
+            for proc in peer.procs:  # a group: every rank (they agree to stop after the same step)
+                _signal(proc, signal.SIGCONT)  # a peer held at the start barrier must run to leave
+                _signal(proc, signal.SIGTERM)
         deadline = time.monotonic() + self.spec.stop_timeout_s
         for peer in live:
-            try:
-                peer.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                _killpg(peer.proc.pid, signal.SIGKILL)
-                peer.proc.wait()
+            for proc in peer.procs:
+                try:
+                    proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    _killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
         for peer in self.peers:
             for pgid in peer.pgids:
                 _killpg(pgid, signal.SIGKILL)
-            if peer.proc is not None:
-                _LIVE.discard(peer.proc)
+            for proc in peer.procs:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=5)  # reap a rank that was still running (e.g. its rank 0 died since the poll)
+                _LIVE.discard(proc)
             self._read_metrics(peer, quiet=True)  # the last rows, for events; no printing while stopping
             self._close_clock(peer)
             if peer in live:
-                self._event("stop", peer, rc=peer.proc.returncode)
+                self._event("stop", peer, rc=peer.proc.returncode,
+                            ranks_rc=[p.returncode for p in peer.ranks] if peer.ranks else None)
             if peer.log is not None:
                 peer.log.close()
                 peer.log = None
+            for log in peer.rank_logs:
+                log.close()
+            peer.rank_logs = []
 
     # ---- events ---------------------------------------------------------------------------------
     def _event(self, event: str, peer: PeerState | None = None, **fields: Any) -> None:
@@ -527,6 +586,51 @@ def _signal(proc: subprocess.Popen | None, sig: int) -> None:
     if proc is not None and proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(sig)
+
+
+def _free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (a group's MASTER_PORT: rank 0's rendezvous store)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _exited(peer: PeerState) -> tuple[int, int | None]:
+    """(rank, exit code) of the rank that ended the peer, or (0, None) while it runs. Rank 0's exit ends it;
+    another rank ends its group only with a failure: after the group agreed to stop, ranks > 0 exit 0 first."""
+    if peer.proc is None:
+        return 0, None
+    rc = peer.proc.poll()
+    if rc is not None:
+        return 0, rc
+    for rank, proc in enumerate(peer.ranks, 1):
+        rc = proc.poll()
+        if rc is not None and rc != 0:
+            return rank, rc
+    return 0, None
+
+
+def _kill_ranks(peer: PeerState) -> None:
+    """SIGKILL the process group of every rank of the current incarnation (DHT process and daemon too) and reap."""
+    for proc in peer.procs:
+        _killpg(proc.pid, signal.SIGKILL)
+    for proc in peer.procs:
+        proc.wait()
+        _LIVE.discard(proc)
+
+
+def _pids(peer: PeerState) -> list[int] | None:
+    """Every rank's pid, for the events of a group (None for a single process: its pid is the event's)."""
+    return [p.pid for p in peer.procs] if peer.ranks else None
+
+
+def _failure(peer: PeerState) -> tuple[str, int | None, Path]:
+    """Who ended the peer, with which exit code, and its log."""
+    if peer.failed_rank == 0 or peer.failed_rank > len(peer.ranks):
+        return f"peer {peer.name}", peer.proc.returncode if peer.proc else None, peer.run_dir / "peer.log"
+    rank = peer.failed_rank
+    return (f"rank {rank} of peer {peer.name}", peer.ranks[rank - 1].returncode,
+            peer.run_dir / "ranks" / f"rank{rank}" / "peer.log")
 
 
 def _tail(path: Path, lines: int = 15) -> str:

@@ -23,14 +23,15 @@ from p2pcod.tasks import poison_of
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 FAULT_KINDS = ("kill", "restart", "join", "cut")
 MAX_PEERS = 64
+MAX_GROUP = 16  # ranks of one peer on one machine
 SECTIONS = ("task", "model", "train", "distill", "exchange")
 
 SWARM_KEYS = {
     "name", "recipe", "peers", "topology", "k", "split", "steps", "budget_s", "threads", "set",
     "upload_mbit", "download_mbit", "latency_ms", "compare_alone", "baseline", "startup_timeout_s",
-    "stop_timeout_s", "description", "sync_start", "compare_clean",
+    "stop_timeout_s", "description", "sync_start", "compare_clean", "group_size",
 }
-PEER_KEYS = {"index", "name", "recipe", "set", "upload_mbit", "download_mbit", "latency_ms"}
+PEER_KEYS = {"index", "name", "recipe", "set", "upload_mbit", "download_mbit", "latency_ms", "group_size"}
 ADVERSARY_KEYS = {"role", "attacks", "attack_every_s"}  # [[peer]] keys of a hostile peer
 ROLES = ("honest", "adversary")
 FAULT_KEYS = {"kind", "peer", "at_step", "at_s", "after_s", "duration_s"}
@@ -45,6 +46,7 @@ class PeerSpec:
     recipe: Path
     overrides: tuple[str, ...]
     recipe_cfg: Recipe  # the effective recipe, loaded once to validate it
+    group_size: int = 1  # ranks (processes) of this peer: > 1 is a torch.distributed group, rank 0 the swarm member
     role: str = "honest"  # or "adversary": p2pcod/adversary.py attacking the others (tests, experiments)
     attacks: tuple[str, ...] = ()  # an adversary's attacks, cycled
     attack_every_s: float = 20.0
@@ -107,7 +109,7 @@ class SimSpec:
         """The same peers trained alone (topology none, no faults, no caps): the comparison run."""
         peers = tuple(  # the honest ones: adversaries have nothing to train alone
             PeerSpec(i, p.name, p.recipe, p.overrides + ('exchange.topology="none"',),
-                     p.recipe_cfg.replace(exchange={"topology": "none"}))
+                     p.recipe_cfg.replace(exchange={"topology": "none"}), group_size=p.group_size)
             for i, p in enumerate(self.honest_peers)
         )
         return SimSpec(
@@ -140,14 +142,18 @@ def parse_spec(raw: Mapping[str, Any], path: Path, cores: int | None = None) -> 
     if steps < 0 or budget < 0:
         raise ConfigError("swarm.steps and swarm.budget_s must be >= 0")
     cores = cores or _cores()
-    threads = _int(swarm, "threads", "swarm.threads", default=0) or max(1, cores // n)
+    peer_tables = _peer_tables(raw, n)
+    sizes = [_group_size(peer_tables.get(i, {}), swarm, i) for i in range(n)]
+    if sum(sizes) > MAX_PEERS:
+        raise ConfigError(f"group_size: the peers run as {sum(sizes)} rank processes in all; at most {MAX_PEERS}")
+    _check_gpus(sizes)
+    threads = _int(swarm, "threads", "swarm.threads", default=0) or max(1, cores // sum(sizes))  # per rank
     if threads < 1:
         raise ConfigError(f"swarm.threads = {threads} must be >= 1")
     base_dir = path.parent
     default_recipe = swarm.get("recipe")
     common = _overrides(swarm, "swarm")
-    peer_tables = _peer_tables(raw, n)
-    peers = tuple(_peer(i, peer_tables.get(i, {}), swarm, default_recipe, common, steps, threads, base_dir)
+    peers = tuple(_peer(i, peer_tables.get(i, {}), swarm, default_recipe, common, steps, threads, base_dir, sizes[i])
                   for i in range(n))
     names = [p.name for p in peers]
     if len(set(names)) != len(names):
@@ -194,7 +200,7 @@ def _peer_tables(raw: Mapping[str, Any], n: int) -> dict[int, Mapping[str, Any]]
 
 
 def _peer(i: int, table: Mapping[str, Any], swarm: Mapping[str, Any], default_recipe: Any,
-          common: list[str], steps: int, threads: int, base_dir: Path) -> PeerSpec:
+          common: list[str], steps: int, threads: int, base_dir: Path, group_size: int = 1) -> PeerSpec:
     where = f"peer[{i}]" if table else "swarm"
     name = table.get("name", f"p{i}")
     if not isinstance(name, str) or not NAME_RE.match(name):
@@ -221,7 +227,7 @@ def _peer(i: int, table: Mapping[str, Any], swarm: Mapping[str, Any], default_re
     recipe_cfg = _load_recipe(recipe_path, overrides, f"peer {name}")
     role, attacks, every = _role(table, f"peer[{i}]")
     return PeerSpec(index=i, name=name, recipe=recipe_path, overrides=tuple(overrides), recipe_cfg=recipe_cfg,
-                    role=role, attacks=attacks, attack_every_s=every)
+                    group_size=group_size, role=role, attacks=attacks, attack_every_s=every)
 
 
 def _role(table: Mapping[str, Any], where: str) -> tuple[str, tuple[str, ...], float]:
@@ -252,11 +258,39 @@ def _role(table: Mapping[str, Any], where: str) -> tuple[str, tuple[str, ...], f
 def _check_roles(peers: Sequence[PeerSpec], faults: Sequence[FaultSpec], compare_clean: bool) -> None:
     if not peers[0].honest:
         raise ConfigError("peer[0] bootstraps the swarm and must be honest (make another index the adversary)")
+    for p in peers:
+        if not p.honest and p.group_size != 1:
+            raise ConfigError(f"peer[{p.index}].group_size = {p.group_size}: an adversary is one process")
     for f in faults:
         if not peers[f.peer].honest:
             raise ConfigError(f"fault[{f.index}].peer = {f.peer} is an adversary: faults apply to honest peers")
     if compare_clean and all(p.honest for p in peers):
         raise ConfigError("swarm.compare_clean = true needs at least one [[peer]] with role = \"adversary\"")
+
+
+def _group_size(table: Mapping[str, Any], swarm: Mapping[str, Any], i: int) -> int:
+    """[[peer]] group_size, else [swarm] group_size, else 1: how many ranks (processes) the peer runs as."""
+    source, name = (table, f"peer[{i}].group_size") if "group_size" in table else (swarm, "swarm.group_size")
+    size = _int(source, "group_size", name, default=1)
+    if not 1 <= size <= MAX_GROUP:
+        raise ConfigError(f"{name} = {size}: a peer runs as 1 to {MAX_GROUP} rank processes")
+    return size
+
+
+def _check_gpus(sizes: list[int]) -> None:
+    """Ranks run with --device auto: on a machine with GPUs, NCCL needs a GPU of its own for each rank of a group."""
+    biggest = max(sizes)
+    gpus = _cuda_devices() if biggest > 1 else 0
+    if 0 < gpus < biggest:
+        i = sizes.index(biggest)
+        raise ConfigError(f"peer[{i}].group_size = {biggest}: its ranks would train on CUDA (--device auto), one GPU "
+                          f"each, but {gpus} GPU(s) are visible; hide them (CUDA_VISIBLE_DEVICES=) to run on CPU")
+
+
+def _cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def _load_recipe(path: Path, overrides: Sequence[str], who: str) -> Recipe:

@@ -42,6 +42,14 @@ class TeacherInfo:
     meta: dict
 
 
+@dataclass(frozen=True)
+class TeacherCopy:
+    """A teacher as snapshot() returns it: its info and a CPU copy of its weights, owned by the caller."""
+
+    info: TeacherInfo
+    state: dict[str, torch.Tensor]
+
+
 @dataclass(eq=False)
 class _Slot:
     """One loaded module; `busy` counts predict() calls running it (guarded by the pool lock)."""
@@ -207,6 +215,24 @@ class TeacherPool:
     def __len__(self) -> int:
         with self._lock:
             return len(self._active)
+
+    def snapshot(self) -> list[TeacherCopy]:
+        """Every teacher held now, in names() order: its info and a CPU copy of its weights.
+
+        The set of teachers is taken under the lock, and each module is marked busy while it is copied, so
+        a concurrent swap() never reloads it: every copy's weights are exactly those of its info's step.
+        """
+        with self._lock:
+            slots = [self._active[n] for n in sorted(self._active)]
+            for s in slots:
+                s.busy += 1
+        try:
+            return [TeacherCopy(s.info, {k: v.detach().to("cpu", copy=True) for k, v in s.module.state_dict().items()})
+                    for s in slots]
+        finally:
+            with self._lock:
+                for s in slots:
+                    s.busy -= 1
 
     def staleness(self, my_step: int) -> dict[str, int]:
         """my_step - the step of each teacher's checkpoint."""

@@ -196,6 +196,7 @@ def test_shipped_topologies_are_valid():
     assert all(p.recipe_cfg.train.split == "noniid" for p in fed.peers)
     kinds = {f.kind for f in load_spec(ROOT / "topologies" / "faults-4.toml").faults}
     assert kinds == {"kill", "restart", "join", "cut"}
+    assert [p.group_size for p in load_spec(ROOT / "topologies" / "group-3.toml").peers] == [1, 2, 1]
 
 
 def test_parse_spec_rejects_missing_swarm(tmp_path):

@@ -271,3 +271,57 @@ def test_predict_leaves_out_bad_teachers(caplog):
     assert pool.predict(x, expect_shape=(3, 5)) is None  # every teacher left out: train without
     with pytest.raises(TeacherError, match="'wide'"):
         pool.logits(x)  # diagnostics see the raw failure
+
+
+def test_snapshot_copies_every_teacher_with_its_info():
+    pool, _ = _pool()
+    pool.swap("b", _weights(seed=1), CFG, step=7, meta={"digest": "x"})
+    pool.swap("a", _weights(seed=2), CFG, step=3)
+    x = torch.randn(5, 4)
+    before = pool.predict(x)
+    copies = pool.snapshot()
+    assert [(c.info.name, c.info.step) for c in copies] == [("a", 3), ("b", 7)]
+    assert copies[1].info.meta == {"digest": "x"} and copies[1].info.model_cfg == CFG
+    for c, seed in zip(copies, (2, 1), strict=True):
+        assert c.state.keys() == _weights().keys()
+        assert all(torch.equal(c.state[k], v) for k, v in _weights(seed=seed).items())
+        assert {t.device.type for t in c.state.values()} == {"cpu"}
+        c.state["net.0.weight"].add_(1.0)  # the caller owns the copy: the pool's teachers do not change
+    assert torch.equal(pool.predict(x), before)
+    assert _pool()[0].snapshot() == []
+
+
+class _Hooked(MLP):
+    """An MLP that runs `on_copy` (once) in the middle of its state_dict(): a swap racing a snapshot."""
+
+    on_copy = None
+
+    def state_dict(self, *args, **kwargs):
+        sd = super().state_dict(*args, **kwargs)
+        hook, self.on_copy = self.on_copy, None
+        if hook is not None:
+            hook()
+        return sd
+
+
+def test_snapshot_is_not_reloaded_by_a_concurrent_swap():
+    """Two swaps while the module being copied is read: without the busy mark the second would reload that very
+    module (it became the standby) and the copy would hold step 4's weights under step 2's info."""
+    built: list[_Hooked] = []
+    pool = TeacherPool(lambda cfg: built.append(_Hooked(**cfg)) or built[-1], DistillConfig(), "multiclass")
+    for step in (1, 2):
+        pool.swap("a", _weights(seed=step), CFG, step=step)
+    copied = built[-1]
+    assert pool.info()[0].step == 2
+
+    def race() -> None:
+        pool.swap("a", _weights(seed=3), CFG, step=3)
+        pool.swap("a", _weights(seed=4), CFG, step=4)
+
+    copied.on_copy = race
+    (copy_,) = pool.snapshot()
+    assert copy_.info.step == 2
+    assert all(torch.equal(copy_.state[k], v) for k, v in _weights(seed=2).items())
+    assert pool.info()[0].step == 4 and len(built) == 3  # the busy module was left alone: a fresh one was built
+    (after,) = pool.snapshot()
+    assert after.info.step == 4 and all(torch.equal(after.state[k], v) for k, v in _weights(seed=4).items())
