@@ -39,6 +39,7 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
 from p2pcod import codec
+from p2pcod.control import wait_while_held
 from p2pcod.session import CODEC_ID
 from p2pcod.swarm.dht import Membership, peers_key
 from p2pcod.swarm.records import PeerRecord
@@ -293,7 +294,7 @@ def _write_json(path: Path, value: Mapping[str, Any]) -> None:
 
 
 def run_adversary(recipe: Any, *, name: str, swarm: str, run_dir: Path, join: list[str], listen: list[str],
-                  attacks: list[str], every_s: float, stop: threading.Event) -> None:
+                  attacks: list[str], every_s: float, stop: threading.Event, control: Path | None = None) -> None:
     """Join `swarm` as `name` and cycle through `attacks`, `every_s` seconds each, until `stop`."""
     from p2pcod.tasks import get_task  # the task builds the swarm's model (and its data, which we ignore)
 
@@ -312,6 +313,7 @@ def run_adversary(recipe: Any, *, name: str, swarm: str, run_dir: Path, join: li
         forged = {a: blob_attack(a, valid) for a in set(attacks) & set(BLOB_ATTACKS)}  # once: CPU is shared
         _write_json(run_dir / "peer.json", {"name": name, "swarm": swarm, "peer_id": adv.peer_id, "role": "adversary",
                                             "attacks": attacks, "maddrs": adv.m.visible_maddrs(), "time": time.time()})
+        wait_while_held(control, stop)  # the simulator's start barrier: attack once the honest peers train
         t0, step = time.monotonic(), 10**6  # a step far ahead of everyone: always the freshest record
         for round_ in itertools.count():
             attack = attacks[round_ % len(attacks)]
@@ -379,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--listen", action="append", default=[])
     ap.add_argument("--attack", required=True, help=f"comma-separated, cycled: {', '.join(ATTACKS)}")
     ap.add_argument("--every", type=float, default=20.0, help="seconds per attack")
+    ap.add_argument("--control", type=Path, default=None, help="the simulator's control file (start barrier)")
     args, _unknown = ap.parse_known_args(argv)  # the simulator's peer flags (--shard, --linger...) are ignored
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     attacks = [a.strip() for a in args.attack.split(",") if a.strip()]
@@ -393,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe = load_recipe(args.config, args.set)
         run_adversary(recipe, name=args.name, swarm=args.swarm, run_dir=args.run_dir, join=args.join,
-                      listen=args.listen or LOCAL, attacks=attacks, every_s=args.every, stop=stop)
+                      listen=args.listen or LOCAL, attacks=attacks, every_s=args.every, stop=stop,
+                      control=args.control)
     except P2pcodError as err:
         print(f"adversary: error: {err}", file=sys.stderr)
         return 2

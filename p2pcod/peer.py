@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from p2pcod.config import Recipe
+from p2pcod.control import read_control, wait_while_held
 from p2pcod.errors import ConfigError
 from p2pcod.group import DebugLog, Group, TeacherSync
 from p2pcod.session import Session
@@ -51,7 +52,7 @@ class PeerOptions:
     num_shards: int = 1
     resume: bool = False
     linger: float = 0.0  # keep serving this many seconds after the last step
-    control: Path | None = None  # JSON file re-read every second: {"cut_off_until": unix time}
+    control: Path | None = None  # the simulator's control file (p2pcod/control.py): start barrier, partitions
     device: str = "auto"  # cpu | cuda | auto (cuda when present)
     stop: threading.Event = field(default_factory=threading.Event)
 
@@ -130,6 +131,7 @@ def run_peer(
         _write_identity(opts, membership, resumed_from, trainer, group)
         if on_start:
             on_start(membership.visible_maddrs())
+        wait_while_held(opts.control, opts.stop)  # the simulator's start barrier (the swarm is served meanwhile)
         return _train_loop(recipe, trainer, session, opts, progress, resumed_from, group, sync)
     finally:
         if session is not None:
@@ -245,14 +247,15 @@ def _watch_control(path: Path, session: Session, stop: threading.Event) -> None:
         while not stop.wait(1.0):
             try:
                 stat = path.stat()
-                if (stat.st_mtime_ns, stat.st_size) == seen:
-                    continue
-                seen = (stat.st_mtime_ns, stat.st_size)
-                until = float(json.loads(path.read_text()).get("cut_off_until", 0.0))
             except FileNotFoundError:
                 continue
-            except (OSError, ValueError, TypeError, AttributeError) as err:
-                log.warning("ignoring unreadable control file %s: %s", path, err)
+            if (stat.st_mtime_ns, stat.st_size) == seen:
+                continue
+            seen = (stat.st_mtime_ns, stat.st_size)
+            try:
+                until = float(read_control(path).get("cut_off_until", 0.0))
+            except (TypeError, ValueError) as err:
+                log.warning("ignoring a bad cut_off_until in %s: %s", path, err)
                 continue
             if until != session.cut_off_until:
                 log.warning("control: cut off from the swarm until %.1f", until)

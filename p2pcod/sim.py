@@ -19,7 +19,7 @@ Spec (TOML; validated in full by p2pcod/simspec.py before any process starts):
     compare_alone = false           # then run the same peers with topology "none" into RUN_DIR/alone
     compare_clean = false           # then run the honest peers without the adversaries into RUN_DIR/clean
     baseline = "runs/..."           # or: an existing run directory the report compares against
-    sync_start = true               # hold (SIGSTOP) each initial peer once it has joined, until all have
+    sync_start = true               # hold each initial peer once it has joined (its control file), until all have
     [swarm.set.train]               # recipe overrides for every peer (any section: train, model, ...)
     eval_every = 20
 
@@ -74,6 +74,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from p2pcod.control import write_control
 from p2pcod.errors import SwarmError
 from p2pcod.simspec import FaultSpec, PeerSpec, SimSpec, load_spec
 
@@ -208,8 +209,7 @@ class Simulation:
                 return "stopped"
             self._holding = False
             for peer in initial:  # every initial peer has joined: all start training together
-                for proc in peer.procs:
-                    _signal(proc, signal.SIGCONT)
+                write_control(peer.run_dir / "control.json", hold=False)
             self._event("go", held={p.name: p.last_step for p in initial})
             self.progress(f"{self._stamp()} all {len(initial)} peers joined: training starts")
         while True:
@@ -285,10 +285,7 @@ class Simulation:
             return
         if float(info.get("time", 0)) < peer.started_unix - 1.0:
             return  # the previous incarnation's
-        peer.joined = True
-        if self._holding:  # hold it (its DHT process keeps serving) until every initial peer has joined
-            for proc in peer.procs:
-                _signal(proc, signal.SIGSTOP)
+        peer.joined = True  # held at the start barrier by its control file (see _start) until every peer joined
         peer.maddrs = [str(a) for a in info.get("maddrs", [])]
         self._event("joined", peer, peer_id=info.get("peer_id"), peer_unix=info.get("time"),
                     resumed_from=info.get("resumed_from"), params=info.get("params"), swarm_steps=self._steps(),
@@ -369,10 +366,7 @@ class Simulation:
 
     def _fault_cut(self, f: FaultSpec, peer: PeerState) -> None:
         until = time.time() + f.duration_s
-        control = peer.run_dir / "control.json"
-        tmp = control.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"cut_off_until": until}))
-        tmp.replace(control)
+        write_control(peer.run_dir / "control.json", cut_off_until=until)
         self.heal_at[peer.name] = self.elapsed + f.duration_s
         self._event("cut", peer, fault=f.index, duration_s=f.duration_s, until_unix=until, swarm_steps=self._steps())
         self.progress(f"{self._stamp()} {peer.name:<8} CUT OFF for {f.duration_s:.0f} s at step {peer.last_step}")
@@ -391,7 +385,7 @@ class Simulation:
             cmd = list(ADVERSARY_COMMAND) + [
                 "--config", str(spec.recipe), "--name", spec.name, "--swarm", self.swarm,
                 "--run-dir", str(peer.run_dir), "--listen", LISTEN, "--attack", ",".join(spec.attacks),
-                "--every", str(spec.attack_every_s),
+                "--every", str(spec.attack_every_s), "--control", str(peer.run_dir / "control.json"),
             ]
         else:
             honest = self.spec.honest_peers  # the data is split among the honest peers only
@@ -427,6 +421,8 @@ class Simulation:
         peer.log.write(f"\n==== p2pcod sim: incarnation {peer.incarnation + 1}: {' '.join(cmd)}\n")
         peer.log.flush()
         peer.started_unix = time.time()
+        # the start barrier: the peer joins, serves and fetches, but trains only once hold is false
+        write_control(peer.run_dir / "control.json", hold=self._holding)
         procs = self._spawn(peer, cmd, env)
         peer.proc, peer.ranks = procs[0], procs[1:]
         peer.incarnation += 1
@@ -476,7 +472,6 @@ class Simulation:
         live = [p for p in self.peers if p.running]
         for peer in live:
             for proc in peer.procs:  # a group: every rank (they agree to stop after the same step)
-                _signal(proc, signal.SIGCONT)  # a peer held at the start barrier must run to leave
                 _signal(proc, signal.SIGTERM)
         deadline = time.monotonic() + self.spec.stop_timeout_s
         for peer in live:
