@@ -4,7 +4,7 @@
                                 train until the simulator sets hold to false (every initial peer has joined)
     {"cut_off_until": 1.7e9}    a partition: no fetching or serving until that unix time
 
-The barrier used to be a SIGSTOP of the peer's process; a process stopped while it held one of hivemind's
+The barrier used to stop the peer's process with a signal; a process stopped while it held one of hivemind's
 cross-process locks froze its DHT process too, and newcomers could not join through it.
 """
 
