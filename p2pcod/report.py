@@ -372,7 +372,9 @@ def _peer_section(run: RunData, base: RunData | None, n: int, params: int | None
     out += [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         b = matched.get(r["peer"])
-        line = f"| {r['peer']} | {r['steps']} | {_fmt_rate(r['rate'])} |"
+        size = int(run.peers[r["peer"]].info.get("group_size") or 1)
+        label = f"{r['peer']} (group of {size})" if size > 1 else r["peer"]
+        line = f"| {label} | {r['steps']} | {_fmt_rate(r['rate'])} |"
         if base is not None:
             line += f" {_fmt_rate(b.steps_per_s() if b else None)} |"
         line += f" {_fmt(r['final'])} | {_fmt(r['best'])} |"

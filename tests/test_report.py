@@ -42,7 +42,7 @@ def make_sim_run(root: Path, with_faults: bool = True) -> Path:
         for s, v in ((30, 2.3), (40, 2.1), (50, 1.9))]
     last = {"step": 50, "time": 27.0, "final": True, "bytes_out": 30000}
     write_jsonl(run / "peers/b/metrics.jsonl", first + second + [last])
-    (run / "peers/b/peer.json").write_text(json.dumps({"params": 1000}))
+    (run / "peers/b/peer.json").write_text(json.dumps({"params": 1000, "group_size": 2}))
     events = [
         {"t": 0, "unix": 1000.0, "event": "sim_start", "spec": "x", "names": ["a", "b"], "topology": "full",
          "steps": 50, "threads": 1},
@@ -113,7 +113,8 @@ def test_report_against_a_baseline(tmp_path):
     assert "Speed-up in steps: 1.67x." in summary
     assert "| a | 50 | 2.0 | 2.0 | 1.7000 | 1.7000 | 2.2000 | -22.7% | 0.05 | 0.03 | 1.00 | 0.2500x |" in summary
     # b: 60 steps in 30 s of its two processes (the restart gap and the repeated steps 20-30 excluded)
-    assert "| b | 50 | 2.0 | 2.0 | 1.9000 | 1.9000 | 2.2000 | -13.6% | 0.06 | 0.00 | 1.20 | 0.3000x |" in summary
+    assert ("| b (group of 2) | 50 | 2.0 | 2.0 | 1.9000 | 1.9000 | 2.2000 | -13.6% | 0.06 | 0.00 | 1.20 | 0.3000x |"
+            in summary)
     assert "2·(N−1)/N · 4·params = 4.0 kB per step per peer" in summary
     assert ("**b** killed (SIGKILL) at step 30; restarted at t=25.0s (same run dir and identity), resumed at "
             "step 20 from its checkpoint, lost 10 steps, finished at step 50") in summary
