@@ -68,7 +68,8 @@ class ExchangeConfig:
     upload_mbit: float = 0.0  # upload cap in Mbit/s; 0 = unlimited
     download_mbit: float = 0.0
     latency_ms: float = 0.0  # added delay before every transfer (simulated slow links)
-    fetch_timeout: float = 120.0  # bound on one whole checkpoint download
+    fetch_timeout: float = 120.0  # bound on one whole checkpoint download (longer at min_fetch_mbit, below)
+    min_fetch_mbit: float = 1.0  # slowest link a download must be given time for: size / this, if longer
     stall_timeout: float = 15.0  # a download fails when the peer sends nothing for this long
     ttl: float = 30.0  # peer records expire unless refreshed within this many seconds
     heartbeat: float = 5.0
@@ -82,7 +83,7 @@ class ExchangeConfig:
         _check_choice("exchange.keep_dtype", self.keep_dtype, ("fp32", "fp16"))
         _check_positive("exchange.block", self.block)
         for key in ("max_blob_mb", "fetch_timeout", "ttl", "heartbeat", "ban_after", "ban_for", "max_streams_per_peer",
-                    "stall_timeout"):
+                    "stall_timeout", "min_fetch_mbit"):
             _check_positive(f"exchange.{key}", getattr(self, key))
         for key in ("upload_mbit", "download_mbit", "latency_ms", "max_teachers", "k", "topology_seed"):
             _check_non_negative(f"exchange.{key}", getattr(self, key))

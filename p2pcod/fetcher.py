@@ -47,6 +47,11 @@ class FetchPolicy:
     ban_after: int = 5  # consecutive failures before a ban
     ban_for: float = 300.0
     limits: codec.Limits = field(default_factory=codec.Limits)
+    min_rate: float = 0.0  # bytes/s: a checkpoint may take size / min_rate seconds if that exceeds `timeout`
+
+    def timeout_for(self, size: int) -> float:
+        """The bound on one download of `size` bytes: `timeout`, longer for big checkpoints on slow links."""
+        return max(self.timeout, size / self.min_rate) if self.min_rate > 0 else self.timeout
 
 
 class Fetcher:
@@ -174,7 +179,7 @@ class Fetcher:
         try:
             if record.size > p.max_bytes:
                 raise P2pcodError(f"announced size {record.size} exceeds the limit {p.max_bytes}")
-            blob = self._fetch_blob(record.peer_id, record.digest, record.size, p.max_bytes, p.timeout)
+            blob = self._fetch_blob(record.peer_id, record.digest, record.size, p.max_bytes, p.timeout_for(record.size))
             self.stats["bytes"] += len(blob)
             state, meta = codec.decode(blob, expect_fingerprint=record.fingerprint, limits=p.limits)
             self.teachers.swap(record.name, state, record.model_cfg, record.step, meta)

@@ -102,6 +102,7 @@ class Session:
             policy=FetchPolicy(
                 max_bytes=min(int(exchange.max_blob_mb * 2**20), limits.max_blob_bytes),
                 timeout=exchange.fetch_timeout,
+                min_rate=min(exchange.min_fetch_mbit, exchange.download_mbit or exchange.min_fetch_mbit) * MBIT,
                 ban_after=exchange.ban_after,
                 ban_for=exchange.ban_for,
                 limits=limits,

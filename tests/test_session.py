@@ -134,12 +134,16 @@ def test_fetch_limits_follow_the_model_size(tmp_path, honest, caplog):
 
 
 def test_exchange_config_sets_bans_and_stream_caps(tmp_path):
-    exchange = ExchangeConfig(ban_after=2, ban_for=7.0, max_streams_per_peer=2, heartbeat=1.0, ttl=10.0)
+    exchange = ExchangeConfig(ban_after=2, ban_for=7.0, max_streams_per_peer=2, heartbeat=1.0, ttl=10.0,
+                              stall_timeout=9.0, min_fetch_mbit=2.0, download_mbit=0.5)
     s = Session.join(swarm=SWARM, name="cfg", identity_dir=tmp_path / "cfg", host_maddrs=LOCAL,
                      model=build({"width": 16}), model_cfg={"width": 16}, task="toy", build_model=build,
                      kind="multiclass", exchange=exchange, distill_cfg=DistillConfig())
     try:
         assert (s.fetcher.policy.ban_after, s.fetcher.policy.ban_for) == (2, 7.0)
-        assert (s.transfer.max_streams_per_peer, s.transfer.ban_for) == (2, 7.0)
+        assert (s.transfer.max_streams_per_peer, s.transfer.ban_for, s.transfer.stall_timeout) == (2, 7.0, 9.0)
+        # a big checkpoint gets the time it needs at the slower of min_fetch_mbit and our own download cap
+        assert s.fetcher.policy.timeout_for(10_000_000) == pytest.approx(10_000_000 / (0.5e6 / 8))  # 160 s
+        assert s.fetcher.policy.timeout_for(1000) == exchange.fetch_timeout  # small ones: fetch_timeout
     finally:
         s.close()
