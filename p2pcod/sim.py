@@ -79,6 +79,7 @@ from p2pcod.errors import SwarmError
 from p2pcod.simspec import FaultSpec, PeerSpec, SimSpec, load_spec
 
 PEER_COMMAND: tuple[str, ...] = (sys.executable, "-m", "p2pcod", "peer")
+RANK_EXIT_GRACE_S = 3.0  # at the stop, how long a finished group's ranks may take to exit on their own
 ADVERSARY_COMMAND: tuple[str, ...] = (sys.executable, "-m", "p2pcod.adversary")
 LISTEN = "/ip4/127.0.0.1/tcp/0"
 LINGER_S = 900.0  # finished peers keep serving until the simulator stops them (bounded, for orphans)
@@ -471,6 +472,10 @@ class Simulation:
         """SIGTERM every live peer (it saves and leaves), wait, then SIGKILL every group we made."""
         live = [p for p in self.peers if p.running]
         for peer in live:
+            if peer.finished:  # a finished group's other ranks are exiting by themselves: a SIGTERM landing
+                for proc in peer.ranks:  # while Python shuts down kills it (-15), so let them finish first
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(timeout=RANK_EXIT_GRACE_S)
             for proc in peer.procs:  # a group: every rank (they agree to stop after the same step)
                 _signal(proc, signal.SIGTERM)
         deadline = time.monotonic() + self.spec.stop_timeout_s

@@ -376,6 +376,9 @@ reload_every = 5
 [swarm.set.distill]
 burn_in = 5
 [[peer]]
+index = 0
+set = { train = { batch_size = 128 } }  # slower steps: p0 trains long enough to receive p2's capped uploads
+[[peer]]
 index = 2
 upload_mbit = 0.2
 set = { train = { batch_size = 128 } }  # slower steps: p2 publishes long enough for several capped uploads
