@@ -25,6 +25,17 @@ FAST = [
     "exchange.heartbeat=1.0",
 ]
 
+# The same model and corpus as `[swarm.set]` tables of a simulator spec (tests that run p2pcod.sim).
+TINY_SPEC_SETS = """[swarm.set.task]
+seq_len = 32
+max_bytes = 300000
+[swarm.set.model]
+layers = 1
+width = 32
+heads = 2
+context = 32
+"""
+
 
 class PeerProc:
     def __init__(self, run_dir: Path, name: str, swarm: str, extra: list[str] | None = None,

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from peerproc import group_alive
+from peerproc import TINY_SPEC_SETS, group_alive
 
 from p2pcod import checkpoint, sim
 from p2pcod.simspec import load_spec
@@ -39,14 +39,7 @@ threads = 1
 budget_s = {DEADLINE_S}
 startup_timeout_s = 90
 stop_timeout_s = 20
-[swarm.set.task]
-seq_len = 32
-max_bytes = 300000
-[swarm.set.model]
-layers = 1
-width = 32
-heads = 2
-context = 32
+{TINY_SPEC_SETS}
 [swarm.set.train]
 batch_size = 8
 eval_batches = 2

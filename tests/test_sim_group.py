@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from peerproc import group_alive, group_members
+from peerproc import TINY_SPEC_SETS, group_alive, group_members
 
 from p2pcod import sim
 from p2pcod.errors import ConfigError, SwarmError
@@ -353,14 +353,7 @@ threads = 1
 budget_s = {DEADLINE_S}
 startup_timeout_s = 120
 stop_timeout_s = 30
-[swarm.set.task]
-seq_len = 32
-max_bytes = 300000
-[swarm.set.model]
-layers = 1
-width = 32
-heads = 2
-context = 32
+{TINY_SPEC_SETS}
 [swarm.set.train]
 batch_size = 8
 eval_batches = 2

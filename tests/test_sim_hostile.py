@@ -11,7 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from peerproc import group_alive
+from peerproc import TINY_SPEC_SETS, group_alive
 
 from p2pcod import sim
 from p2pcod.errors import ConfigError
@@ -33,14 +33,7 @@ budget_s = 240
 startup_timeout_s = 90
 stop_timeout_s = 20
 compare_clean = COMPARE
-[swarm.set.task]
-seq_len = 32
-max_bytes = 300000
-[swarm.set.model]
-layers = 1
-width = 32
-heads = 2
-context = 32
+{TINY_SPEC_SETS}
 [swarm.set.train]
 batch_size = 8
 eval_batches = 2
