@@ -382,19 +382,16 @@ class Simulation:
     # ---- processes ------------------------------------------------------------------------------
     def _command(self, peer: PeerState, resume: bool) -> list[str]:
         spec = peer.spec
+        common = [
+            "--config", str(spec.recipe), "--name", spec.name, "--swarm", self.swarm, "--run-dir", str(peer.run_dir),
+            "--listen", LISTEN, "--control", str(peer.run_dir / "control.json"),
+        ]
         if not spec.honest:
-            cmd = list(ADVERSARY_COMMAND) + [
-                "--config", str(spec.recipe), "--name", spec.name, "--swarm", self.swarm,
-                "--run-dir", str(peer.run_dir), "--listen", LISTEN, "--attack", ",".join(spec.attacks),
-                "--every", str(spec.attack_every_s), "--control", str(peer.run_dir / "control.json"),
-            ]
+            cmd = [*ADVERSARY_COMMAND, *common, "--attack", ",".join(spec.attacks), "--every", str(spec.attack_every_s)]
         else:
             honest = self.spec.honest_peers  # the data is split among the honest peers only
-            cmd = self.peer_command + [
-                "--config", str(spec.recipe), "--name", spec.name, "--swarm", self.swarm,
-                "--run-dir", str(peer.run_dir), "--shard", f"{honest.index(spec)}/{len(honest)}",
-                "--listen", LISTEN, "--linger", str(LINGER_S), "--control", str(peer.run_dir / "control.json"),
-            ]
+            cmd = [*self.peer_command, *common, "--shard", f"{honest.index(spec)}/{len(honest)}",
+                   "--linger", str(LINGER_S)]
         for other in self.peers:
             if other is not peer and other.running and other.joined:
                 cmd += [a for m in other.maddrs[:1] for a in ("--join", m)]
