@@ -103,18 +103,20 @@ class PeerRecordValidator(RecordValidatorBase):
             subkey = DHTProtocol.serializer.loads(record.subkey)
             check_entry(subkey, DHTProtocol.serializer.loads(record.value))
         except Exception as err:  # noqa: BLE001 - any failure to parse means invalid
-            self._log_offender(subkey, err)
+            warn_offender(self._warned, "refusing a peer record", self.swarm, subkey, err)
             return False
         return True
 
-    def _log_offender(self, subkey: Any, err: Exception) -> None:
-        try:  # a signed subkey names its signer: the offender
-            offender = f"peer {peer_id_of_owner(subkey)}"
-        except Exception:  # noqa: BLE001 - unsigned or unparsable subkey
-            offender = f"subkey {hashlib.sha256(repr(subkey).encode()).hexdigest()[:16]}"
-        if offender not in self._warned and len(self._warned) < 10_000:
-            self._warned.add(offender)
-            log.warning("refusing a peer record of swarm %s from %s: %s", self.swarm, offender, err)
+
+def warn_offender(warned: set[str], what: str, swarm: str, subkey: Any, err: Exception) -> None:
+    """Log a bad record once per offender: the peer id of its signing key, or a hash of an unsigned subkey."""
+    try:
+        offender = f"peer {peer_id_of_owner(subkey)}"
+    except Exception:  # noqa: BLE001 - unsigned or unparsable subkey
+        offender = f"subkey {hashlib.sha256(repr(subkey).encode()).hexdigest()[:16]}"
+    if offender not in warned and len(warned) < 10_000:
+        warned.add(offender)
+        log.warning("%s of swarm %s from %s: %s", what, swarm, offender, err)
 
 
 def load_identity(identity_dir: Path) -> tuple[Path, RSAPrivateKey]:
@@ -160,7 +162,7 @@ class Membership:
             "invalid": 0,
             "tombstones": 0,
         }
-        self._warned: set[bytes] = set()
+        self._warned: set[str] = set()  # offenders already logged
         self._stats_lock = threading.Lock()
         self._lock = threading.Lock()  # hivemind's DHT pipe is not safe for concurrent senders
         self._p2p: P2P | None = None
@@ -269,14 +271,7 @@ class Membership:
 
     def _invalid(self, subkey: Any, err: RecordError) -> None:
         self._count("invalid")
-        tag = hashlib.sha256(repr(subkey).encode()).digest()[:8]
-        if tag not in self._warned and len(self._warned) < 10_000:
-            self._warned.add(tag)
-            try:  # the subkey is the signer's key: name the offender by its peer id when it has one
-                offender = f"peer {peer_id_of_owner(subkey)}"
-            except RecordError:
-                offender = f"subkey {tag.hex()}"
-            log.warning("dropping an invalid peer record in swarm %s from %s: %s", self.swarm, offender, err)
+        warn_offender(self._warned, "dropping an invalid peer record", self.swarm, subkey, err)
 
     # ---- plumbing ---------------------------------------------------------------------------------
     def _count(self, key: str) -> None:
