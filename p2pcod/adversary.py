@@ -56,49 +56,50 @@ def split(blob: bytes) -> tuple[dict, bytes]:
     return header, blob[codec.PREFIX_SIZE + hlen :]
 
 
-def forge(header: dict, frame: bytes) -> bytes:
-    """A blob from a (tampered) header and zstd frame, with both crcs recomputed: only the content lies."""
-    hbytes = msgpack.packb(header, use_bin_type=True)
-    prefix = struct.pack("<HI", codec.VERSION, len(hbytes))
+def forge(header: Any, frame: bytes, version: int = codec.VERSION, raw_header: bytes | None = None) -> bytes:
+    """A blob from a (tampered) header and zstd frame, with both crcs recomputed: only the content lies.
+    `raw_header`: these bytes instead of the packed `header` (a header that is not even msgpack)."""
+    hbytes = raw_header if raw_header is not None else msgpack.packb(header, use_bin_type=True)
+    prefix = struct.pack("<HI", version, len(hbytes))
     crc = zlib.crc32(hbytes, zlib.crc32(prefix))
     return codec.MAGIC + prefix + struct.pack("<II", crc, zlib.crc32(frame)) + hbytes + frame
 
 
-def _payload(blob: bytes) -> bytearray:
+def payload_of(blob: bytes) -> bytearray:
     return bytearray(zstandard.ZstdDecompressor().decompress(split(blob)[1]))
 
 
-def _frame(payload: bytes) -> bytes:
+def frame_of(payload: bytes) -> bytes:
     return zstandard.ZstdCompressor(write_checksum=True, write_content_size=True).compress(bytes(payload))
 
 
-def _entry(header: dict, name: str) -> dict:
+def entry(header: dict, name: str) -> dict:
     return next(e for e in header["tensors"] if e["name"] == name)
 
 
 def with_kept_value(blob: bytes, tensor: str, value: float, index: int = 2) -> bytes:
     """`blob` with element `index` of the kept float32 tensor `tensor` set to `value` (e.g. NaN)."""
     header, _ = split(blob)
-    payload = _payload(blob)
-    struct.pack_into("<f", payload, _entry(header, tensor)["offset"] + 4 * index, value)
-    return forge(header, _frame(payload))
+    payload = payload_of(blob)
+    struct.pack_into("<f", payload, entry(header, tensor)["offset"] + 4 * index, value)
+    return forge(header, frame_of(payload))
 
 
 def with_scale(blob: bytes, tensor: str, value: float, block: int = 0) -> bytes:
     """`blob` with the scale of one block of the quantized tensor `tensor` set to `value` (e.g. Inf)."""
     header, _ = split(blob)
-    payload = _payload(blob)
-    e = _entry(header, tensor)
+    payload = payload_of(blob)
+    e = entry(header, tensor)
     nblocks = e["scales_nbytes"] // 4
     for k, byte in enumerate(struct.pack("<f", value)):  # scales are stored as byte planes
         payload[e["scales_offset"] + k * nblocks + block] = byte
-    return forge(header, _frame(payload))
+    return forge(header, frame_of(payload))
 
 
 def bomb(blob: bytes, inflated: int = 16 << 20) -> bytes:
     """`blob`'s header with a frame of `inflated` zero bytes (a few KB compressed)."""
     header, _ = split(blob)
-    return forge(header, _frame(bytes(inflated)))
+    return forge(header, frame_of(bytes(inflated)))
 
 
 # ---- a hostile peer ----------------------------------------------------------------------------------

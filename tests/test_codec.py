@@ -5,9 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import struct
-import zlib
 
-import msgpack
 import pytest
 import torch
 import zstandard
@@ -15,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from p2pcod import codec
+from p2pcod.adversary import entry, forge, frame_of, payload_of, split
 from p2pcod.codec import CodecOptions, Limits
 from p2pcod.errors import CodecError
 
@@ -53,28 +52,7 @@ def blob(sd: dict[str, torch.Tensor]) -> bytes:
     return codec.encode(sd, META)
 
 
-# ---- forging helpers: rebuild a blob from a (tampered) header and payload, with valid checksums -----
-
-
-def split(blob: bytes) -> tuple[dict, bytes]:
-    hlen = struct.unpack_from("<I", blob, len(codec.MAGIC) + 2)[0]
-    header = msgpack.unpackb(blob[codec.PREFIX_SIZE:codec.PREFIX_SIZE + hlen], raw=False)
-    return header, blob[codec.PREFIX_SIZE + hlen:]
-
-
-def forge(header: object, frame: bytes, version: int = codec.VERSION, raw_header: bytes | None = None) -> bytes:
-    hbytes = raw_header if raw_header is not None else msgpack.packb(header, use_bin_type=True)
-    prefix = struct.pack("<HI", version, len(hbytes))
-    crc = zlib.crc32(hbytes, zlib.crc32(prefix))
-    return codec.MAGIC + prefix + struct.pack("<II", crc, zlib.crc32(frame)) + hbytes + frame
-
-
-def payload_of(blob: bytes) -> bytearray:
-    return bytearray(zstandard.ZstdDecompressor().decompress(split(blob)[1]))
-
-
-def frame_of(payload: bytes) -> bytes:
-    return zstandard.ZstdCompressor(write_checksum=True, write_content_size=True).compress(bytes(payload))
+# ---- forging (p2pcod/adversary.py rebuilds blobs from a tampered header / payload with valid checksums)
 
 
 def tampered(blob: bytes, edit) -> bytes:
@@ -82,10 +60,6 @@ def tampered(blob: bytes, edit) -> bytes:
     header = copy.deepcopy(header)
     edit(header)
     return forge(header, frame)
-
-
-def entry(header: dict, name: str) -> dict:
-    return next(e for e in header["tensors"] if e["name"] == name)
 
 
 # ---- round trip ---------------------------------------------------------------------------------
