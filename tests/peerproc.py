@@ -25,16 +25,24 @@ FAST = [
     "exchange.heartbeat=1.0",
 ]
 
-# The same model and corpus as `[swarm.set]` tables of a simulator spec (tests that run p2pcod.sim).
-TINY_SPEC_SETS = """[swarm.set.task]
-seq_len = 32
-max_bytes = 300000
-[swarm.set.model]
-layers = 1
-width = 32
-heads = 2
-context = 32
-"""
+# The same tiny peers as `[swarm.set.*]` tables of a simulator spec (tests that run p2pcod.sim).
+TINY_SETS = {
+    "task": {"seq_len": 32, "max_bytes": 300000},
+    "model": {"layers": 1, "width": 32, "heads": 2, "context": 32},
+    "train": {"batch_size": 8, "eval_batches": 2, "eval_batch_size": 8, "log_every": 1, "eval_every": 100,
+              "warmup": 0},
+    "distill": {"burn_in": 5},
+    "exchange": {"reload_every": 5, "ttl": 8.0, "heartbeat": 1.0},
+}
+
+
+def tiny_spec_sets(**changes: dict) -> str:
+    """TINY_SETS as TOML `[swarm.set.<section>]` tables, with `changes` ({section: {key: value}}) applied."""
+    out = []
+    for section, keys in TINY_SETS.items():
+        out.append(f"[swarm.set.{section}]")
+        out += [f"{k} = {json.dumps(v)}" for k, v in {**keys, **changes.get(section, {})}.items()]
+    return "\n".join(out) + "\n"
 
 
 class PeerProc:

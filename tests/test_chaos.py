@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from peerproc import TINY_SPEC_SETS, group_alive
+from peerproc import group_alive, tiny_spec_sets
 
 from p2pcod import checkpoint, sim
 from p2pcod.simspec import load_spec
@@ -39,22 +39,7 @@ threads = 1
 budget_s = {DEADLINE_S}
 startup_timeout_s = 90
 stop_timeout_s = 20
-{TINY_SPEC_SETS}
-[swarm.set.train]
-batch_size = 8
-eval_batches = 2
-eval_batch_size = 8
-log_every = 1
-eval_every = 100
-warmup = 0
-checkpoint_every = {CHECKPOINT_EVERY}
-[swarm.set.distill]
-burn_in = 5
-[swarm.set.exchange]
-reload_every = 5
-ttl = 8.0
-heartbeat = 1.0
-
+{tiny_spec_sets(train={"checkpoint_every": CHECKPOINT_EVERY})}
 [[fault]]
 kind = "cut"
 peer = 2

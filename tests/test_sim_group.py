@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from peerproc import TINY_SPEC_SETS, group_alive, group_members
+from peerproc import group_alive, group_members, tiny_spec_sets
 
 from p2pcod import sim
 from p2pcod.errors import ConfigError, SwarmError
@@ -353,21 +353,7 @@ threads = 1
 budget_s = {DEADLINE_S}
 startup_timeout_s = 120
 stop_timeout_s = 30
-{TINY_SPEC_SETS}
-[swarm.set.train]
-batch_size = 8
-eval_batches = 2
-eval_batch_size = 8
-log_every = 1
-eval_every = 100
-warmup = 0
-checkpoint_every = {CHECKPOINT_EVERY}
-[swarm.set.distill]
-burn_in = 5
-[swarm.set.exchange]
-reload_every = 5
-ttl = 8.0
-heartbeat = 1.0
+{tiny_spec_sets(train={"checkpoint_every": CHECKPOINT_EVERY})}
 [[peer]]
 index = 1
 name = "grp"

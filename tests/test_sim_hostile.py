@@ -11,7 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from peerproc import TINY_SPEC_SETS, group_alive
+from peerproc import group_alive, tiny_spec_sets
 
 from p2pcod import sim
 from p2pcod.errors import ConfigError
@@ -22,6 +22,8 @@ RECIPE = ROOT / "peers" / "lm-tiny.toml"
 STEPS = 1200
 ATTACKS = ["bomb", "flood", "nan", "records", "impersonate"]
 
+SETS = tiny_spec_sets(train={"log_every": 5, "eval_every": 50, "checkpoint_every": 50},
+                      exchange={"fetch_timeout": 5.0, "ban_after": 2})
 SPEC = f"""
 [swarm]
 recipe = "{RECIPE}"
@@ -33,24 +35,7 @@ budget_s = 240
 startup_timeout_s = 90
 stop_timeout_s = 20
 compare_clean = COMPARE
-{TINY_SPEC_SETS}
-[swarm.set.train]
-batch_size = 8
-eval_batches = 2
-eval_batch_size = 8
-log_every = 5
-eval_every = 50
-warmup = 0
-checkpoint_every = 50
-[swarm.set.distill]
-burn_in = 5
-[swarm.set.exchange]
-reload_every = 5
-ttl = 8.0
-heartbeat = 1.0
-fetch_timeout = 5.0
-ban_after = 2
-
+{SETS}
 [[peer]]
 index = 1
 name = "mallory"
