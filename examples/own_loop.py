@@ -24,6 +24,8 @@ from p2pcod.tasks import get_task
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--join", action="append", default=[], help="multiaddr of a peer in the swarm")
+    ap.add_argument("--listen", action="append", default=[],
+                    help="where to listen (default /ip4/0.0.0.0/tcp/0: reachable from other machines)")
     ap.add_argument("--swarm", default="p2pcod")
     ap.add_argument("--name", default="own-loop")
     ap.add_argument("--config", default="peers/lm-tiny.toml")
@@ -44,7 +46,7 @@ def main() -> None:
     # --- p2pcod: join the swarm ---
     session = Session.join(
         swarm=args.swarm, name=args.name, identity_dir=f"{args.run_dir}/identity", initial_peers=args.join,
-        host_maddrs=["/ip4/127.0.0.1/tcp/0"], model=model, model_cfg=recipe.model, task=task.name,
+        host_maddrs=args.listen or ["/ip4/0.0.0.0/tcp/0"], model=model, model_cfg=recipe.model, task=task.name,
         build_model=task.build_model, kind=task.kind, distill_cfg=recipe.distill, exchange=recipe.exchange,
     )
     try:

@@ -183,8 +183,11 @@ def cmd_peer(args: argparse.Namespace) -> int:
         print(f"peer {name} in swarm {args.swarm!r} listening on:", file=sys.stderr)
         for a in maddrs:
             print(f"  {a}", file=sys.stderr)
-        print("another machine joins with:\n  " + join_command(maddrs, opts, args.config), file=sys.stderr,
+        print("another machine joins with:\n  " + join_command(maddrs, opts, args.config, overrides), file=sys.stderr,
               flush=True)
+        if num_shards == 1:
+            print("  (this peer trains on all its data, --shard 0/1; for disjoint shards start every peer with "
+                  "--shard I/K, e.g. 0/2 and 1/2)", file=sys.stderr, flush=True)
 
     try:
         record = run_peer(recipe, opts, on_start=on_start, progress=progress)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shlex
 import signal
 import threading
 import time
@@ -80,11 +81,15 @@ def install_signal_handlers(stop: threading.Event) -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def join_command(maddrs: Sequence[str], opts: PeerOptions, config: str) -> str:
-    """The command another machine runs to join; loopback addresses only when there is nothing else."""
+def join_command(maddrs: Sequence[str], opts: PeerOptions, config: str, overrides: Sequence[str] = ()) -> str:
+    """The command another machine runs to join: this peer's recipe and overrides, the next shard, and an
+    address it can reach (loopback only when there is nothing else)."""
     public = [a for a in maddrs if not a.startswith(("/ip4/127.", "/ip6/::1/"))]
     joins = " ".join(f"--join {a}" for a in (public or list(maddrs))[:1])
-    return f"p2pcod peer --config {config} --swarm {opts.swarm} {joins} --name OTHER_NAME --shard 1/{opts.num_shards}"
+    sets = "".join(f" --set {shlex.quote(o)}" for o in overrides)
+    shard = f"{(opts.shard + 1) % opts.num_shards}/{opts.num_shards}"  # with 0/1 both read all the data
+    return (f"p2pcod peer --config {shlex.quote(config)} --swarm {shlex.quote(opts.swarm)} {joins} "
+            f"--name OTHER_NAME --shard {shard}{sets}")
 
 
 def run_peer(

@@ -368,7 +368,7 @@ def _peer_section(run: RunData, base: RunData | None, n: int, params: int | None
     head += " final val | best val |"
     if base is not None:
         head += " final val alone/baseline | change |"
-    head += " MB sent | MB received | kB sent/step | vs all-reduce |"
+    head += " MB sent | MB received | kB sent/step | x fewer than all-reduce |"
     out += [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         b = matched.get(r["peer"])
@@ -382,7 +382,8 @@ def _peer_section(run: RunData, base: RunData | None, n: int, params: int | None
             bf = b.val_curve()[-1][1] if b and b.val_curve() else None
             change = f"{(r['final'] - bf) / bf * 100:+.1f}%" if bf and r["final"] is not None else "-"
             line += f" {_fmt(bf)} | {change} |"
-        ratio = f"{r['ratio']:.4f}x" if r["ratio"] is not None else "n/a"
+        fewer = 1 / r["ratio"] if r["ratio"] else None  # all-reduce bytes / our bytes
+        ratio = "n/a" if fewer is None else f"{fewer:,.0f}x" if fewer >= 10 else f"{fewer:.2f}x"
         line += (f" {r['sent'] / 1e6:.2f} | {r['received'] / 1e6:.2f} | {r['sent_per_step'] / 1e3:.2f} | {ratio} |")
         out.append(line)
     return out + [""]

@@ -101,9 +101,13 @@ class PeerProc:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def terminate(self, timeout: float = 60.0) -> int:
+    def terminate(self, timeout: float = 60.0, ctrl_c: bool = False) -> int:
+        """SIGTERM the peer; ctrl_c: SIGINT its whole process group, as Ctrl+C in a terminal does."""
         if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
+            if ctrl_c:
+                os.killpg(self.pid, signal.SIGINT)
+            else:
+                self.proc.send_signal(signal.SIGTERM)
         try:
             code = self.proc.wait(timeout)
             # a graceful exit must take its DHT process and p2p daemon with it

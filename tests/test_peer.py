@@ -10,6 +10,7 @@ import uuid
 import pytest
 from peerproc import FAST, ROOT, PeerProc, wait_for
 
+from p2pcod import checkpoint
 from p2pcod.topology import TopologyConfig, neighbours
 
 pytestmark = pytest.mark.slow
@@ -66,6 +67,20 @@ def test_ring_each_peer_learns_from_its_predecessor(tmp_path, swarm_name, procs)
         assert (p.run_dir / "checkpoint.ckpt").exists()
 
 
+def test_ctrl_c_in_a_terminal_saves_leaves_and_exits_0(tmp_path, swarm_name, procs):
+    """Ctrl+C signals the whole foreground process group: the peer, its DHT process and the p2p daemon."""
+    peer = PeerProc(tmp_path / "p0", "p0", swarm_name, [])
+    procs.append(peer)
+    peer.wait_joined()
+    wait_for(lambda: peer.last().get("step", 0) >= 25, 120, "p0 to train past its first checkpoint")
+    assert peer.terminate(ctrl_c=True) == 0, peer.stderr()[-3000:]
+    assert peer.left_behind == [], "Ctrl+C left processes behind"
+    last = peer.last()
+    assert last.get("final") and last["step"] >= 25
+    ckpt = checkpoint.load(peer.run_dir / "checkpoint.ckpt")
+    assert ckpt["step"] == last["step"], "the final checkpoint is not of the last step"
+
+
 def test_full_topology_survives_kill_and_resume(tmp_path, swarm_name, procs):
     peers = start_swarm(tmp_path, swarm_name, procs, "full")
     for p in peers:
@@ -97,6 +112,9 @@ def test_full_topology_survives_kill_and_resume(tmp_path, swarm_name, procs):
     assert restarted.terminate() == 0
     for p in peers[1:]:
         assert p.terminate() == 0
+        vals = [r["val_loss"] for r in p.metrics() if "val_loss" in r]
+        assert len(vals) >= 3 and vals[-1] < vals[0], f"{p.name}: validation loss did not fall: {vals}"
+        assert p.last()["bytes_in"] > 0 and p.last()["bytes_out"] > 0
 
 
 def test_own_training_loop_joins_a_swarm(tmp_path, swarm_name, procs):
@@ -104,7 +122,8 @@ def test_own_training_loop_joins_a_swarm(tmp_path, swarm_name, procs):
     procs.append(peer)
     boot = peer.wait_joined()
     cmd = [sys.executable, str(ROOT / "examples" / "own_loop.py"), "--swarm", swarm_name, "--steps", "150",
-           "--run-dir", str(tmp_path / "own"), "--join", boot[0]]
+           "--run-dir", str(tmp_path / "own"), "--join", boot[0],
+           "--listen", "/ip4/127.0.0.1/tcp/0"]
     for s in FAST:
         if not s.startswith("train.steps"):
             cmd += ["--set", s]

@@ -111,9 +111,9 @@ def test_report_against_a_baseline(tmp_path):
     assert "| a | 30 | 50 |" in summary and "| b | 40 | 50 |" in summary
     assert "| **mean of peers** | 30 | 50 |" in summary
     assert "Speed-up in steps: 1.67x." in summary
-    assert "| a | 50 | 2.0 | 2.0 | 1.7000 | 1.7000 | 2.2000 | -22.7% | 0.05 | 0.03 | 1.00 | 0.2500x |" in summary
+    assert "| a | 50 | 2.0 | 2.0 | 1.7000 | 1.7000 | 2.2000 | -22.7% | 0.05 | 0.03 | 1.00 | 4.00x |" in summary
     # b: 60 steps in 30 s of its two processes (the restart gap and the repeated steps 20-30 excluded)
-    assert ("| b (group of 2) | 50 | 2.0 | 2.0 | 1.9000 | 1.9000 | 2.2000 | -13.6% | 0.06 | 0.00 | 1.20 | 0.3000x |"
+    assert ("| b (group of 2) | 50 | 2.0 | 2.0 | 1.9000 | 1.9000 | 2.2000 | -13.6% | 0.06 | 0.00 | 1.20 | 3.33x |"
             in summary)
     assert "2·(N−1)/N · 4·params = 4.0 kB per step per peer" in summary
     assert ("**b** killed (SIGKILL) at step 30; restarted at t=25.0s (same run dir and identity), resumed at "

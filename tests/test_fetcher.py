@@ -1,0 +1,50 @@
+"""The fetcher's choice of whom to fetch from, without a network: records in, fetch calls out."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from p2pcod import codec
+from p2pcod.distill import DistillConfig
+from p2pcod.fetcher import Fetcher, FetchPolicy
+from p2pcod.session import CODEC_ID
+from p2pcod.swarm.records import PeerRecord
+from p2pcod.teachers import TeacherPool
+from p2pcod.topology import TopologyConfig
+
+CFG = {"width": 8}
+
+
+def build(cfg):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Embedding(16, cfg["width"]), torch.nn.Linear(cfg["width"], 16))
+
+
+def test_a_neighbour_of_another_task_is_skipped_with_one_warning(caplog):
+    model = build(CFG)
+    blob, fp = codec.encode(model.state_dict(), {}), codec.fingerprint(model)
+
+    def record(name: str, peer_id: str, task: str) -> PeerRecord:
+        return PeerRecord(name=name, peer_id=peer_id, step=5, digest=codec.digest(blob), size=len(blob),
+                          codec=CODEC_ID, task=task, model_cfg=CFG, fingerprint=fp, time=time.time())
+
+    records = [record("same", "Qm" + "1" * 44, "lm"), record("other", "Qm" + "2" * 44, "ctr")]
+    calls: list[str] = []
+
+    def fetch_blob(peer_id, digest, size, max_bytes, timeout):
+        calls.append(peer_id)
+        return blob
+
+    f = Fetcher(me="me", task="lm", teachers=TeacherPool(build, DistillConfig(), "multiclass"),
+                members=lambda: records, fetch_blob=fetch_blob, topology=TopologyConfig("full"), reload_every=5,
+                my_step=lambda: 0, policy=FetchPolicy(max_bytes=1 << 24, timeout=1.0, backoff=0.0))
+    with caplog.at_level(logging.WARNING, logger="p2pcod.fetcher"):
+        f.run_once()
+        f.run_once()
+    assert calls == ["Qm" + "1" * 44] and f.teachers.names() == ["same"]
+    assert f.neighbours == ["same"]
+    warnings = [r.getMessage() for r in caplog.records if "other" in r.getMessage()]
+    assert warnings == ["skipping peer other: its task is 'ctr', mine is 'lm'"]
