@@ -78,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="plots and summary.md of a simulation or training run")
     p.add_argument("run_dir")
-    p.add_argument("--baseline", default=None, help="another run to compare with (e.g. the independent peers)")
+    p.add_argument("--baseline", default=None,
+                   help="another run to compare with (e.g. the independent peers; default: the simulation's own "
+                        "RUN_DIR/clean or RUN_DIR/alone when it has one)")
     p.add_argument("--target", type=float, default=None, help="target validation loss (default: the baseline's best)")
     p.set_defaults(func=cmd_report)
 

@@ -275,8 +275,13 @@ def _at(peer: PeerRun, t: float, key: str, default: Any) -> Any:
 
 # ---- output -----------------------------------------------------------------------------------------
 def write_report(run_dir: str | Path, baseline: str | Path | None = None, target: float | None = None) -> Path:
-    """Write loss.png, bytes.png, staleness.png and summary.md into run_dir; returns summary.md's path."""
+    """Write loss.png, bytes.png, staleness.png and summary.md into run_dir; returns summary.md's path.
+
+    Without a baseline, a simulation's own comparison run (RUN_DIR/clean, else RUN_DIR/alone) is the baseline,
+    so re-running the report gives the simulator's report."""
     run = load_run(run_dir)
+    if baseline is None:
+        baseline = next((run.path / d for d in ("clean", "alone") if (run.path / d / "peers").is_dir()), None)
     base = load_run(baseline) if baseline is not None else None
     level, why = choose_target(run, base, target)
     plot_all(run, base, level)

@@ -122,6 +122,14 @@ def test_report_against_a_baseline(tmp_path):
     assert "**a** cut off for 6 s at step 10: it kept training (step 0 -> 20)" in summary
 
 
+def test_a_simulations_own_comparison_run_is_the_default_baseline(tmp_path):
+    run_dir = make_sim_run(tmp_path, with_faults=False)
+    make_baseline(tmp_path).rename(run_dir / "alone")
+    summary = write_report(run_dir).read_text()
+    assert f"Baseline: `{run_dir / 'alone'}`" in summary
+    assert "| a | 50 | 2.0 | 2.0 | 1.7000 | 1.7000 | 2.2000 | -22.7% |" in summary
+
+
 def test_report_without_baseline_states_its_target(tmp_path):
     summary = write_report(make_sim_run(tmp_path, with_faults=False)).read_text()
     assert "Target validation loss **1.9000** (no baseline: the loosest level every peer reached" in summary
