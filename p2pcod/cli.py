@@ -38,7 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train M models codistilling in one process (or baselines)")
     p.add_argument("--config", required=True, help="peer recipe TOML, e.g. peers/lm-tiny.toml")
-    p.add_argument("--models", type=int, default=2, help="models in the group; 1 = plain baseline")
+    p.add_argument("--models", type=int, default=2,
+                   help="models in the group, m0..m<M-1>; 1 = plain baseline. They learn from each other along "
+                        "exchange.topology, as peers do (2 models: each from the other; none: M independent "
+                        "models, no exchange; edges: pairs of the names m0, m1, ...)")
     p.add_argument("--ensemble", action="store_true", help="train independent copies, evaluate their average")
     p.add_argument("--fp32-teachers", action="store_true", help="skip the int8 codec for teachers (ablation)")
     p.add_argument("--run-dir", default=None, help="where metrics and checkpoints go (default runs/<recipe>-...)")
