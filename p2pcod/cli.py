@@ -89,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs=2, metavar="RUN_DIR")
     p.set_defaults(func=cmd_churn)
 
-    p = sub.add_parser("inspect", help="show the header of a checkpoint blob")
-    p.add_argument("blob")
+    p = sub.add_parser("inspect", help="show the header of a checkpoint blob, or what a run's checkpoint.ckpt holds")
+    p.add_argument("blob", help="an exchanged checkpoint blob, or a run directory's checkpoint.ckpt")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("data", help="data utilities")
@@ -222,10 +222,31 @@ def cmd_churn(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from p2pcod import codec
+    from p2pcod import checkpoint, codec
+    from p2pcod.errors import CheckpointError, CodecError
 
-    blob = Path(args.blob).read_bytes()
-    header = codec.peek(blob)
+    path = Path(args.blob)
+    if path.is_dir() and (path / "checkpoint.ckpt").is_file():  # a run directory
+        path = path / "checkpoint.ckpt"
+    try:
+        local = checkpoint.is_checkpoint(path)
+        blob = b"" if local else path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} does not exist") from None
+    except OSError as err:
+        raise CheckpointError(f"cannot read {path}: {err.strerror or err}") from None
+    if local:  # RUN_DIR/checkpoint.ckpt: what --resume continues from
+        out = {"format": "local checkpoint (what --resume continues from), not an exchanged blob",
+               "path": str(path), "size": path.stat().st_size, **checkpoint.summary(checkpoint.load(path))}
+        print(json.dumps(out, indent=1, default=str))
+        return 0
+    if not blob.startswith(codec.MAGIC):
+        raise CodecError(f"{path} is neither an exchanged checkpoint blob nor a run's checkpoint.ckpt "
+                         f"(it starts with {blob[:8]!r})")
+    try:
+        header = codec.peek(blob)
+    except CodecError as err:
+        raise CodecError(f"{path}: {err}") from None
     header["digest"] = codec.digest(blob)
     header["size"] = len(blob)
     print(json.dumps(header, indent=1, default=str))
