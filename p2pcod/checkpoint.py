@@ -112,6 +112,54 @@ def load(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is damaged: {err}") from None
 
 
+def is_checkpoint(path: str | Path) -> bool:
+    """Whether the file starts like a checkpoint of this module (not, say, an exchanged codec blob)."""
+    with Path(path).open("rb") as f:
+        return f.read(len(MAGIC)) == MAGIC
+
+
+def summary(state: dict[str, Any]) -> dict[str, Any]:
+    """What `p2pcod inspect` shows of a loaded checkpoint: no tensors, only what identifies the run.
+
+    Two layouts are known: a Trainer's (one model: `p2pcod peer`) and a LocalGroup's (`p2pcod train`: a
+    list of Trainer states under "models", the last published blobs under "blobs").
+    """
+    if isinstance(state.get("models"), list):
+        models = [m for m in state["models"] if isinstance(m, dict)]
+        first = models[0] if models else {}
+        blobs = state.get("blobs") if isinstance(state.get("blobs"), dict) else {}
+        return {
+            "run": "p2pcod train (M models in one process)",
+            "mode": state.get("mode", "unknown (written before the mode was stored)"),
+            "models": len(state["models"]),
+            "step": first.get("step"),
+            "model_config": first.get("model_config", "unknown (written before the model config was stored)"),
+            "optimizer": first.get("optimizer_name"),
+            "parameters": _numel(first.get("model")),
+            "published": {str(n): v[0] for n, v in blobs.items() if isinstance(v, list | tuple) and v},
+            "bytes_exchanged": state.get("bytes_exchanged"),
+        }
+    if isinstance(state.get("model"), dict) and "step" in state:
+        return {
+            "run": "one model (p2pcod peer)",
+            "step": state.get("step"),
+            "seed": state.get("seed"),
+            "elapsed_s": round(float(state.get("elapsed", 0.0)), 3),
+            "model_config": state.get("model_config", "unknown (written before the model config was stored)"),
+            "optimizer": state.get("optimizer_name"),
+            "parameters": _numel(state["model"]),
+            "tensors": sum(isinstance(t, torch.Tensor) for t in state["model"].values()),
+            "extra": state.get("extra"),
+        }
+    return {"run": "unknown layout", "keys": sorted(map(str, state))}
+
+
+def _numel(model: Any) -> int | None:
+    if not isinstance(model, dict):
+        return None
+    return sum(t.numel() for t in model.values() if isinstance(t, torch.Tensor))
+
+
 def rng_state() -> dict[str, Any]:
     return {"torch": torch.get_rng_state()}
 

@@ -38,7 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train M models codistilling in one process (or baselines)")
     p.add_argument("--config", required=True, help="peer recipe TOML, e.g. peers/lm-tiny.toml")
-    p.add_argument("--models", type=int, default=2, help="models in the group; 1 = plain baseline")
+    p.add_argument("--models", type=int, default=2,
+                   help="models in the group, m0..m<M-1>; 1 = plain baseline. They learn from each other along "
+                        "exchange.topology, as peers do (2 models: each from the other; none: M independent "
+                        "models, no exchange; edges: pairs of the names m0, m1, ...)")
     p.add_argument("--ensemble", action="store_true", help="train independent copies, evaluate their average")
     p.add_argument("--fp32-teachers", action="store_true", help="skip the int8 codec for teachers (ablation)")
     p.add_argument("--run-dir", default=None, help="where metrics and checkpoints go (default runs/<recipe>-...)")
@@ -88,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs=2, metavar="RUN_DIR")
     p.set_defaults(func=cmd_churn)
 
-    p = sub.add_parser("inspect", help="show the header of a checkpoint blob")
-    p.add_argument("blob")
+    p = sub.add_parser("inspect", help="show the header of a checkpoint blob, or what a run's checkpoint.ckpt holds")
+    p.add_argument("blob", help="an exchanged checkpoint blob, or a run directory's checkpoint.ckpt")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("data", help="data utilities")
@@ -224,10 +227,31 @@ def cmd_churn(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from p2pcod import codec
+    from p2pcod import checkpoint, codec
+    from p2pcod.errors import CheckpointError, CodecError
 
-    blob = Path(args.blob).read_bytes()
-    header = codec.peek(blob)
+    path = Path(args.blob)
+    if path.is_dir() and (path / "checkpoint.ckpt").is_file():  # a run directory
+        path = path / "checkpoint.ckpt"
+    try:
+        local = checkpoint.is_checkpoint(path)
+        blob = b"" if local else path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} does not exist") from None
+    except OSError as err:
+        raise CheckpointError(f"cannot read {path}: {err.strerror or err}") from None
+    if local:  # RUN_DIR/checkpoint.ckpt: what --resume continues from
+        out = {"format": "local checkpoint (what --resume continues from), not an exchanged blob",
+               "path": str(path), "size": path.stat().st_size, **checkpoint.summary(checkpoint.load(path))}
+        print(json.dumps(out, indent=1, default=str))
+        return 0
+    if not blob.startswith(codec.MAGIC):
+        raise CodecError(f"{path} is neither an exchanged checkpoint blob nor a run's checkpoint.ckpt "
+                         f"(it starts with {blob[:8]!r})")
+    try:
+        header = codec.peek(blob)
+    except CodecError as err:
+        raise CodecError(f"{path}: {err}") from None
     header["digest"] = codec.digest(blob)
     header["size"] = len(blob)
     print(json.dumps(header, indent=1, default=str))

@@ -147,15 +147,21 @@ def digest(blob: bytes | bytearray | memoryview) -> str:
 # encode
 
 
-def _check_options(o: CodecOptions) -> None:
-    if not (isinstance(o.block, int) and 1 <= o.block <= MAX_BLOCK):
-        raise CodecError(f"CodecOptions.block must be an int in [1, {MAX_BLOCK}], got {o.block!r}")
+MIN_LEVEL = -(1 << 17)  # zstd's fastest (negative) level
+MAX_LEVEL = 22
+
+
+def check_options(o: CodecOptions, prefix: str = "CodecOptions") -> None:
+    """CodecError unless encode() accepts these options; `prefix` names them (a recipe: "exchange")."""
+    if isinstance(o.block, bool) or not (isinstance(o.block, int) and 1 <= o.block <= MAX_BLOCK):
+        raise CodecError(f"{prefix}.block must be an int in [1, {MAX_BLOCK}], got {o.block!r}")
     if o.keep_dtype not in ("fp32", "fp16"):
-        raise CodecError(f"CodecOptions.keep_dtype must be 'fp32' or 'fp16', got {o.keep_dtype!r}")
-    if not (isinstance(o.level, int) and -(1 << 17) <= o.level <= 22):
-        raise CodecError(f"CodecOptions.level must be a zstd level <= 22, got {o.level!r}")
-    if not isinstance(o.threads, int) or o.threads < -1:
-        raise CodecError(f"CodecOptions.threads must be -1 or >= 0, got {o.threads!r}")
+        raise CodecError(f"{prefix}.keep_dtype must be 'fp32' or 'fp16', got {o.keep_dtype!r}")
+    if isinstance(o.level, bool) or not (isinstance(o.level, int) and MIN_LEVEL <= o.level <= MAX_LEVEL):
+        raise CodecError(f"{prefix}.level must be a zstd level, an int in [{MIN_LEVEL}, {MAX_LEVEL}] (1..22: faster "
+                         f"to stronger; 0: zstd's default; negative: faster still), got {o.level!r}")
+    if isinstance(o.threads, bool) or not isinstance(o.threads, int) or o.threads < -1:
+        raise CodecError(f"{prefix}.threads must be -1 or >= 0, got {o.threads!r}")
 
 
 def _check_meta(value: Any, path: str = "meta", depth: int = 0) -> None:
@@ -225,7 +231,7 @@ def _quantize_rows(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, name: str)
 def encode(state_dict: Mapping[str, torch.Tensor], meta: Mapping | None = None,
            options: CodecOptions = CodecOptions()) -> bytes:
     """Serialise a state_dict (+ plain metadata) into a self-checking, compressed blob."""
-    _check_options(options)
+    check_options(options)
     if not isinstance(state_dict, Mapping):
         raise CodecError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
     meta = {} if meta is None else meta

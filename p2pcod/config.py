@@ -17,9 +17,13 @@ from typing import Any
 
 import tomllib
 
-from p2pcod.errors import ConfigError
+from p2pcod.errors import CodecError, ConfigError
+from p2pcod.topology import check_topology
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "adagrad")
+# what topology.check_topology's errors call the exchange keys it checks
+_TOPOLOGY_KEYS = {"name": "exchange.topology", "k": "exchange.k", "seed": "exchange.topology_seed",
+                  "edges": "exchange.edges"}
 SPLITS = ("disjoint", "same", "noniid")
 
 
@@ -79,16 +83,24 @@ class ExchangeConfig:
     max_streams_per_peer: int = 4  # blob streams one remote peer may hold open at our server at once
 
     def __post_init__(self) -> None:
+        from p2pcod.codec import check_options  # lazily: it imports torch
+
         _check_positive("exchange.reload_every", self.reload_every)
-        _check_choice("exchange.keep_dtype", self.keep_dtype, ("fp32", "fp16"))
-        _check_positive("exchange.block", self.block)
         for key in ("max_blob_mb", "fetch_timeout", "ttl", "heartbeat", "ban_after", "ban_for", "max_streams_per_peer",
                     "stall_timeout", "min_fetch_mbit"):
             _check_positive(f"exchange.{key}", getattr(self, key))
-        for key in ("upload_mbit", "download_mbit", "latency_ms", "max_teachers", "k", "topology_seed"):
+        for key in ("upload_mbit", "download_mbit", "latency_ms", "max_teachers", "topology_seed"):
             _check_non_negative(f"exchange.{key}", getattr(self, key))
         if self.heartbeat >= self.ttl:
             raise ConfigError(f"exchange.heartbeat ({self.heartbeat}) must be shorter than exchange.ttl ({self.ttl})")
+        # the topology's and the codec's own rules, so that a bad value stops the recipe here, not a reload or a
+        # publish later (with --models 1 or as a peer's background publisher: never, or only in a log)
+        edges = check_topology(self.topology, self.k, self.topology_seed, self.edges, keys=_TOPOLOGY_KEYS)
+        object.__setattr__(self, "edges", edges)
+        try:
+            check_options(self.codec_options(), prefix="exchange")
+        except CodecError as err:
+            raise ConfigError(str(err)) from None
 
     def codec_options(self):
         from p2pcod.codec import CodecOptions

@@ -2,8 +2,10 @@
 
 Every `reload_every` steps each model is encoded with the codec and decoded again before it is swapped
 into the other models' TeacherPools, so the teachers go through exactly the int8 path a checkpoint takes
-over the network. `mode="ensemble"` trains M independent copies and evaluates their averaged prediction;
-M = 1 is the plain baseline. Run layout: RUN_DIR/m<i>/metrics.jsonl per model, RUN_DIR/metrics.jsonl
+over the network. Who learns from whom is `exchange.topology` over the models m0..m<M-1>, as it is over
+peers (two models: each from the other; "none": M independent models; "edges": pairs of those names).
+`mode="ensemble"` trains M independent copies and evaluates their averaged prediction; M = 1 is the plain
+baseline. Run layout: RUN_DIR/m<i>/metrics.jsonl per model, RUN_DIR/metrics.jsonl
 for the group (the deployed prediction: model 0, or the ensemble), RUN_DIR/checkpoint.ckpt,
 RUN_DIR/predictions.npy, RUN_DIR/recipe.json.
 """
@@ -20,7 +22,7 @@ import torch
 
 from p2pcod import checkpoint, codec
 from p2pcod.config import Recipe
-from p2pcod.errors import ConfigError
+from p2pcod.errors import CheckpointError, ConfigError
 from p2pcod.tasks import get_task
 from p2pcod.teachers import TeacherPool
 from p2pcod.topology import neighbours
@@ -51,9 +53,15 @@ class LocalGroup:
             torch.set_num_threads(recipe.train.threads)
         self.task = get_task(recipe.task)
         self.names = [f"m{i}" for i in range(models)]
+        self.topology = recipe.exchange.topology_config()
+        distilling = mode == "codistill" and models > 1 and self.topology.name != "none"
+        if distilling and self.topology.name == "edges":
+            strangers = sorted({n for e in self.topology.edges for n in e} - set(self.names))
+            if strangers:
+                raise ConfigError(f"exchange.edges names {', '.join(map(repr, strangers))}, but the models of "
+                                  f"`p2pcod train --models {models}` are {', '.join(self.names)}")
         t = recipe.train
         val = self.task.val_batches(t.eval_batch_size, t.eval_batches)
-        distilling = mode == "codistill" and models > 1
         self.trainers = [
             Trainer(
                 recipe, self.task, shard=i, num_shards=models, run_dir=self.run_dir / name,
@@ -66,10 +74,6 @@ class LocalGroup:
         self.blobs: dict[str, tuple[int, bytes]] = {}  # last published checkpoint per model
         self.bytes_exchanged = 0
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "recipe.json").write_text(json.dumps(
-            {"recipe": recipe.to_dict(), "models": models, "mode": mode, "fp32_teachers": fp32_teachers},
-            indent=1,
-        ))
 
     def _pool(self) -> TeacherPool:
         return TeacherPool(self.task.build_model, self.recipe.distill, self.task.kind)
@@ -88,9 +92,7 @@ class LocalGroup:
 
     def refresh_teachers(self) -> None:
         """Each model takes its neighbours' last published checkpoints as teachers (decoded from bytes)."""
-        topo = self.recipe.exchange.topology_config()
-        if len(self.names) == 2 or topo.name == "none":
-            topo = type(topo).from_dict({"name": "full"})  # two models: each learns from the other
+        topo = self.topology
         round_ = self.step // self.recipe.exchange.reload_every
         for name, tr in zip(self.names, self.trainers, strict=True):
             if tr.teachers is None:
@@ -109,6 +111,12 @@ class LocalGroup:
     # ---- the loop -------------------------------------------------------------------------------
     def run(self, progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         t, ex = self.recipe.train, self.recipe.exchange
+        # written here, not in __init__, so that a --resume refused by resume() leaves the run's record alone
+        (self.run_dir / "recipe.json").write_text(json.dumps(
+            {"recipe": self.recipe.to_dict(), "models": len(self.names), "mode": self.mode,
+             "fp32_teachers": self.fp32_teachers},
+            indent=1,
+        ))
         if self.step == 0:
             self._log(evaluate=True, progress=progress)
         while self.step < t.steps:
@@ -157,6 +165,7 @@ class LocalGroup:
     # ---- checkpoint / resume --------------------------------------------------------------------
     def save(self) -> None:
         state = {
+            "mode": self.mode,
             "models": [tr.state() for tr in self.trainers],
             "blobs": {name: [step, blob] for name, (step, blob) in self.blobs.items()},
             "bytes_exchanged": self.bytes_exchanged,
@@ -168,8 +177,21 @@ class LocalGroup:
         if not path.exists():
             return False
         state = checkpoint.load(path)
-        for tr, s in zip(self.trainers, state["models"], strict=True):
-            tr.load_state(s)
+        held = state.get("models")
+        if not isinstance(held, list) or "blobs" not in state:
+            raise CheckpointError(f"{path} is not a `p2pcod train` checkpoint (a peer's? `p2pcod inspect` it)")
+        if len(held) != len(self.trainers):
+            raise CheckpointError(f"{path} holds {len(held)} model(s), but --models {len(self.trainers)} was asked: "
+                                  f"resume with --models {len(held)}, or start a new --run-dir")
+        mode = state.get("mode", self.mode)  # checkpoints from before the mode was stored: trust the flag
+        if mode != self.mode:
+            flag = "with --ensemble" if mode == "ensemble" else "without --ensemble"
+            raise CheckpointError(f"{path} is a {mode} run: resume it {flag}, or start a new --run-dir")
+        for name, tr, s in zip(self.names, self.trainers, held, strict=True):
+            try:
+                tr.load_state(s)
+            except CheckpointError as err:
+                raise CheckpointError(f"{path}, model {name}: {err}") from None
         self.blobs = {name: (int(step), bytes(blob)) for name, (step, blob) in state["blobs"].items()}
         self.bytes_exchanged = int(state["bytes_exchanged"])
         if self.blobs and self.trainers[0].teachers is not None:

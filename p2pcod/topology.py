@@ -32,19 +32,7 @@ class TopologyConfig:
     edges: tuple[tuple[str, str], ...] = ()  # name="edges": (teacher, student) pairs by peer name
 
     def __post_init__(self) -> None:
-        if self.name not in TOPOLOGIES:
-            raise ConfigError(f"topology.name must be one of {', '.join(TOPOLOGIES)}; got {self.name!r}")
-        for key in ("k", "seed"):
-            v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise ConfigError(f"topology.{key} must be an integer, got {v!r}")
-        if self.k < 1:
-            raise ConfigError(f"topology.k must be >= 1, got {self.k!r}")
-        object.__setattr__(self, "edges", _normalise_edges(self.edges))
-        if self.edges and self.name != "edges":
-            raise ConfigError(f"topology.edges is only used with name 'edges', but name is {self.name!r}")
-        if self.name == "edges" and not self.edges:
-            raise ConfigError("topology 'edges' needs topology.edges: a list of [teacher, student] pairs")
+        object.__setattr__(self, "edges", check_topology(self.name, self.k, self.seed, self.edges))
 
     @classmethod
     def from_dict(cls, d: Mapping) -> TopologyConfig:
@@ -58,19 +46,44 @@ class TopologyConfig:
         return cls(**dict(d))
 
 
-def _normalise_edges(edges: object) -> tuple[tuple[str, str], ...]:
+TOPOLOGY_KEYS = {"name": "topology.name", "k": "topology.k", "seed": "topology.seed", "edges": "topology.edges"}
+
+
+def check_topology(name: object, k: object, seed: object, edges: object,
+                   keys: Mapping[str, str] = TOPOLOGY_KEYS) -> tuple[tuple[str, str], ...]:
+    """The rules of a topology config: ConfigError naming the key, else the edges as (teacher, student) pairs.
+
+    `keys` is what errors call each field: a recipe names them exchange.topology, exchange.k, ... (config.py).
+    """
+    if name not in TOPOLOGIES:
+        raise ConfigError(f"{keys['name']} must be one of {', '.join(TOPOLOGIES)}; got {name!r}")
+    for field, v in (("k", k), ("seed", seed)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ConfigError(f"{keys[field]} must be an integer, got {v!r}")
+    if k < 1:
+        raise ConfigError(f"{keys['k']} must be >= 1, got {k!r}")
+    pairs = _normalise_edges(edges, keys["edges"])
+    if pairs and name != "edges":
+        raise ConfigError(f"{keys['edges']} is only used with {keys['name']} = 'edges', but it is {name!r}")
+    if name == "edges" and not pairs:
+        raise ConfigError(f"{keys['name']} = 'edges' needs {keys['edges']}: a non-empty list of [teacher, student] "
+                          "pairs")
+    return pairs
+
+
+def _normalise_edges(edges: object, key: str) -> tuple[tuple[str, str], ...]:
     """Lists of lists (TOML) -> a tuple of (teacher, student) string pairs, validated."""
     if isinstance(edges, (str, bytes)) or not isinstance(edges, Iterable):
-        raise ConfigError(f"topology.edges must be a list of [teacher, student] pairs, got {edges!r}")
+        raise ConfigError(f"{key} must be a list of [teacher, student] pairs, got {edges!r}")
     out = []
     for e in edges:
         if isinstance(e, (str, bytes)) or not isinstance(e, Iterable):
-            raise ConfigError(f"topology.edges entry {e!r} is not a [teacher, student] pair")
+            raise ConfigError(f"{key} entry {e!r} is not a [teacher, student] pair")
         pair = tuple(e)
         if len(pair) != 2 or not all(isinstance(p, str) and p for p in pair):
-            raise ConfigError(f"topology.edges entry {e!r} must be a pair of two non-empty peer names")
+            raise ConfigError(f"{key} entry {e!r} must be a pair of two non-empty peer names")
         if pair[0] == pair[1]:
-            raise ConfigError(f"topology.edges entry {e!r}: a peer cannot be its own teacher")
+            raise ConfigError(f"{key} entry {e!r}: a peer cannot be its own teacher")
         out.append(pair)
     return tuple(out)
 

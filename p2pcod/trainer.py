@@ -23,6 +23,7 @@ import torch
 
 from p2pcod import checkpoint, distill
 from p2pcod.config import Recipe
+from p2pcod.errors import CheckpointError
 from p2pcod.tasks.base import Batch, Task
 from p2pcod.teachers import TeacherPool
 
@@ -213,20 +214,50 @@ class Trainer:
             "step": self.step,
             "seed": self.seed,
             "model": _to_cpu(self.model.state_dict()),
+            "model_config": dict(self.recipe.model),  # what resume() compares: a different model is no resume
+            "optimizer_name": self.recipe.train.optimizer,
             "optimizer": _to_cpu(self.optimizer.state_dict()),
             "rng": checkpoint.rng_state(),
             "elapsed": time.time() - self._started,
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
+        """Continue from `state()`; CheckpointError naming the mismatch if it is another model or optimizer."""
+        self.check_state(state)
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(f"the optimizer state does not fit train.optimizer = "
+                                  f"{self.recipe.train.optimizer!r}: {err}") from None
         checkpoint.set_rng_state(state["rng"])
         self.step = int(state["step"])
         self.seed = int(state["seed"])
         self._started = time.time() - float(state.get("elapsed", 0.0))
         self._batches = None  # restart the data stream at self.step
         self._window.clear()
+
+    def check_state(self, state: dict[str, Any]) -> None:
+        """CheckpointError unless `state` is this trainer's model and optimizer: names the model config keys
+        that differ and the tensors that do not fit."""
+        stored = state.get("model_config")  # absent in checkpoints from before it was stored
+        current = dict(self.recipe.model)
+        differs = [] if stored is None else _config_diff(stored, current)
+        mismatched = _tensor_mismatch(state.get("model"), self.model.state_dict())
+        if differs or mismatched:
+            what = []
+            if differs:
+                what.append("its model config differs: " + ", ".join(differs))
+            if mismatched:
+                what.append("its tensors do not fit this model: " + "; ".join(mismatched))
+            raise CheckpointError("the checkpoint holds another model than the recipe's ("
+                                  + "; ".join(what) + "): resume with the model config it was trained with, "
+                                  "or start a new run directory")
+        name = state.get("optimizer_name")
+        if name is not None and name != self.recipe.train.optimizer:
+            raise CheckpointError(f"the checkpoint was trained with train.optimizer = {name!r}, the recipe now "
+                                  f"says {self.recipe.train.optimizer!r}: resume with {name!r}, or start a new run "
+                                  "directory")
 
     @property
     def checkpoint_path(self) -> Path:
@@ -243,7 +274,13 @@ class Trainer:
         if not self.checkpoint_path.exists():
             return None
         state = checkpoint.load(self.checkpoint_path)
-        self.load_state(state)
+        if not isinstance(state.get("model"), dict) or "step" not in state:
+            raise CheckpointError(f"{self.checkpoint_path} is not a single model's checkpoint (a `p2pcod train` "
+                                  "run's? `p2pcod inspect` it)")
+        try:
+            self.load_state(state)
+        except CheckpointError as err:
+            raise CheckpointError(f"{self.checkpoint_path}: {err}") from None
         return state.get("extra", {})
 
     def close(self) -> None:
@@ -267,6 +304,50 @@ def _to_cpu(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(_to_cpu(v) for v in obj)
     return obj
+
+
+def _config_diff(old: Any, new: dict[str, Any]) -> list[str]:
+    """`model.key: old -> new` for every key whose value differs (or is set in only one of them)."""
+    old = dict(old) if isinstance(old, dict) else {}
+    unset = "(not set)"
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key, unset), new.get(key, unset)
+        if _plain(a) != _plain(b):
+            out.append(f"model.{key}: {a!r} -> {b!r}")
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """Lists and tuples alike (a checkpoint gives back what TOML gave as a list)."""
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _tensor_mismatch(stored: Any, current: dict[str, torch.Tensor], limit: int = 4) -> list[str]:
+    """What keeps `stored` from loading into a model whose state_dict is `current`: missing, unexpected and
+    mis-shaped tensors (the first `limit` of each kind, then how many more)."""
+    if not isinstance(stored, dict):
+        return [f"no model state (got {type(stored).__name__})"]
+
+    def shape(t: Any) -> tuple[int, ...] | None:
+        return tuple(t.shape) if isinstance(t, torch.Tensor) else None
+
+    def listed(kind: str, items: list[str]) -> list[str]:
+        if not items:
+            return []
+        more = f" and {len(items) - limit} more" if len(items) > limit else ""
+        return [f"{kind} {', '.join(items[:limit])}{more}"]
+
+    missing = [k for k in current if k not in stored]
+    unexpected = [k for k in stored if k not in current]
+    shapes = [f"{k} {list(shape(stored[k]) or ())} vs {list(current[k].shape)}" for k in current
+              if k in stored and shape(stored[k]) != tuple(current[k].shape)]
+    return (listed("shape (checkpoint vs recipe):", shapes) + listed("missing from the checkpoint:", missing)
+            + listed("not in this model:", unexpected))
 
 
 def _batch_size(batch: Batch) -> int:

@@ -86,3 +86,25 @@ def test_kill_during_save_keeps_previous(tmp_path):
     leftovers = [p for p in tmp_path.iterdir() if p.name != "c.ckpt"]
     # the temp file of the killed write may remain, but it is never mistaken for the checkpoint
     assert all(p.name.endswith(".tmp") for p in leftovers)
+
+
+def test_summary_of_both_layouts(tmp_path):
+    """What `p2pcod inspect` shows: a peer's one-model state, a `p2pcod train` group's, anything else."""
+    one = {**_state(), "seed": 3, "model_config": {"width": 8}, "optimizer_name": "adamw", "elapsed": 1.23456}
+    checkpoint.save(tmp_path / "one.ckpt", one)
+    assert checkpoint.is_checkpoint(tmp_path / "one.ckpt")
+    s = checkpoint.summary(checkpoint.load(tmp_path / "one.ckpt"))
+    assert s["run"].startswith("one model") and s["step"] == 7 and s["seed"] == 3
+    assert s["model_config"] == {"width": 8} and s["optimizer"] == "adamw" and s["elapsed_s"] == 1.235
+    assert s["parameters"] == 4 * 3 + 3 + 3 + 3 and s["tensors"] == 4
+
+    group = {"mode": "codistill", "models": [one, one, one], "blobs": {"m0": [6, b"x"], "m1": [6, b"y"]},
+             "bytes_exchanged": 10}
+    s = checkpoint.summary(group)
+    assert s["run"].startswith("p2pcod train") and s["models"] == 3 and s["step"] == 7
+    assert s["mode"] == "codistill" and s["published"] == {"m0": 6, "m1": 6} and s["model_config"] == {"width": 8}
+    old = {"models": [{"step": 2, "model": {}}], "blobs": {}}  # from before mode and model config were stored
+    assert "unknown" in checkpoint.summary(old)["mode"] and "unknown" in checkpoint.summary(old)["model_config"]
+    assert checkpoint.summary({"x": 1}) == {"run": "unknown layout", "keys": ["x"]}
+    (tmp_path / "blob").write_bytes(b"P2PCKPT\x00rest")
+    assert not checkpoint.is_checkpoint(tmp_path / "blob")

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,17 @@ def test_overrides_are_toml_values():
         ("exchange.ban_after=0", "exchange.ban_after"),
         ("exchange.max_streams_per_peer=0", "exchange.max_streams_per_peer"),
         ("exchange.max_streams_per_peer=1.5", "exchange.max_streams_per_peer"),
+        ('exchange.topology="star"', "exchange.topology must be one of full, ring"),
+        ("exchange.k=0", "exchange.k must be >= 1"),
+        ("exchange.topology_seed=-1", "exchange.topology_seed"),
+        ('exchange.topology="edges"', "exchange.topology = 'edges' needs exchange.edges"),
+        ('exchange.edges=[["a", "b"]]', "exchange.edges is only used with exchange.topology = 'edges'"),
+        ('exchange.edges=[["a", "a"]]', "exchange.edges entry"),
+        ("exchange.level=23", "exchange.level must be a zstd level, an int in [-131072, 22]"),
+        ("exchange.level=1.5", "exchange.level"),
+        ("exchange.block=0", "exchange.block must be an int in [1, 1048576]"),
+        ("exchange.block=2000000", "exchange.block"),
+        ('exchange.keep_dtype="bf16"', "exchange.keep_dtype must be 'fp32' or 'fp16'"),
         ("distill.alpha=-1", "alpha"),
         ("distill.gamma=1", "gamma"),
         ("bogus.key=1", "bogus"),
@@ -44,7 +56,7 @@ def test_overrides_are_toml_values():
     ],
 )
 def test_bad_values_name_the_key(override, fragment):
-    with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
         load_recipe(PEERS / "lm-tiny.toml", [override])
 
 
@@ -64,3 +76,17 @@ def test_missing_and_invalid_files(tmp_path):
 def test_defaults_are_valid():
     assert TrainConfig().steps > 0
     assert ExchangeConfig().reload_every == 50
+
+
+def test_exchange_keys_follow_the_codec_and_topology_rules():
+    """The recipe accepts exactly what the codec and the topology accept, and hands them on unchanged."""
+    from p2pcod import codec
+
+    ex = ExchangeConfig(topology="edges", edges=(("a", "b"), ("b", "c")), level=codec.MAX_LEVEL, block=codec.MAX_BLOCK)
+    assert ex.topology_config().edges == (("a", "b"), ("b", "c"))
+    codec.check_options(ex.codec_options())
+    assert ExchangeConfig(level=codec.MIN_LEVEL).codec_options().level == codec.MIN_LEVEL  # zstd's fast levels
+    assert ExchangeConfig(topology="random-k", k=1).topology_config().k == 1
+    for bad in ({"level": codec.MAX_LEVEL + 1}, {"block": codec.MAX_BLOCK + 1}, {"k": 0}, {"topology": "mesh"}):
+        with pytest.raises(ConfigError, match="exchange\\."):
+            ExchangeConfig(**bad)

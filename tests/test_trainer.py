@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from p2pcod import codec
+from p2pcod import checkpoint, codec
 from p2pcod.churn import churn, churn_runs, mean_and_half_range
 from p2pcod.cli import main
 from p2pcod.config import load_recipe
-from p2pcod.errors import DataError
+from p2pcod.errors import CheckpointError, ConfigError, DataError
 from p2pcod.local import LocalGroup
 from p2pcod.trainer import read_metrics
 
@@ -149,3 +149,77 @@ def test_cli_train_resume_and_errors(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 9
     assert main(["train", "--config", str(PEERS / "lm-tiny.toml"), "--set", "train.bogus=1"]) == 2
     assert "train.bogus" in capsys.readouterr().err
+
+
+def _saved_group(run_dir, models=2, mode="codistill", *extra):
+    group = LocalGroup(tiny("train.steps=2", "train.checkpoint_every=2", *extra), run_dir, models=models, mode=mode)
+    group.run()
+    group.close()
+    return group
+
+
+def test_resume_refuses_another_group_by_name(tmp_path):
+    """--resume with another --models, mode or model: a CheckpointError that says which, before any weight loads."""
+    _saved_group(tmp_path)
+    before = (tmp_path / "recipe.json").read_text()
+    cases = [
+        (dict(models=3), "holds 2 model\\(s\\), but --models 3"),
+        (dict(models=2, mode="ensemble"), "codistill run: resume it without --ensemble"),
+        (dict(models=2, extra=("model.width=48",)),
+         "model m0: .*model.width: 32 -> 48.*shape \\(checkpoint vs recipe\\): "),
+        (dict(models=2, extra=("model.heads=4",)), "model.heads: 2 -> 4"),  # same shapes, another model all the same
+        (dict(models=2, extra=('train.optimizer="sgd"',)), "train.optimizer = 'adamw', the recipe now says 'sgd'"),
+    ]
+    for kw, match in cases:
+        group = LocalGroup(tiny("train.steps=4", *kw.get("extra", ())), tmp_path, models=kw["models"],
+                           mode=kw.get("mode", "codistill"))
+        with pytest.raises(CheckpointError, match=match):
+            group.resume()
+        group.close()
+    assert (tmp_path / "recipe.json").read_text() == before  # the refused resumes left the run's record alone
+    again = LocalGroup(tiny("train.steps=4"), tmp_path, models=2)
+    assert again.resume() and again.step == 2
+    again.close()
+
+
+def test_trainer_resume_names_the_tensors_of_an_old_checkpoint(tmp_path):
+    """A peer's checkpoint (one Trainer) of another model; also one written before the model config was stored."""
+    from p2pcod.tasks import get_task
+    from p2pcod.trainer import Trainer
+
+    recipe = tiny("train.steps=2")
+    task = get_task(recipe.task)
+    tr = Trainer(recipe, task, shard=0, num_shards=1, run_dir=tmp_path)
+    tr.train_step()
+    state = tr.state()
+    del state["model_config"], state["optimizer_name"]  # as written before they were stored
+    checkpoint.save(tr.checkpoint_path, state)
+    tr.close()
+    wider = tiny("train.steps=2", "model.width=48")
+    other = Trainer(wider, get_task(wider.task), shard=0, num_shards=1, run_dir=tmp_path)
+    with pytest.raises(CheckpointError, match="checkpoint.ckpt: .*tensors do not fit.*\\[.*32.*\\] vs \\[.*48.*\\]"):
+        other.resume()
+    other.close()
+    same = Trainer(recipe, task, shard=0, num_shards=1, run_dir=tmp_path)
+    assert same.resume() == {} and same.step == 1
+    same.close()
+
+
+def test_topology_none_trains_independent_models(tmp_path):
+    recipe = tiny("train.steps=4", "exchange.reload_every=2", "distill.burn_in=0", 'exchange.topology="none"')
+    group = LocalGroup(recipe, tmp_path, models=2)
+    summary = group.run()
+    group.close()
+    assert all(tr.teachers is None for tr in group.trainers) and summary["bytes_exchanged"] == 0
+    assert all(r.get("distill_loss", 0.0) == 0.0 for r in read_metrics(tmp_path / "m0" / "metrics.jsonl"))
+
+
+def test_topology_edges_over_the_model_names(tmp_path):
+    edges = 'exchange.edges=[["m0", "m1"], ["m0", "m2"]]'
+    group = LocalGroup(tiny("train.steps=4", 'exchange.topology="edges"', edges), tmp_path, models=3)
+    group.publish()
+    group.refresh_teachers()
+    assert [tr.teachers.names() for tr in group.trainers] == [[], ["m0"], ["m0"]]
+    group.close()
+    with pytest.raises(ConfigError, match="exchange.edges names 'p1', but the models of `p2pcod train --models 2`"):
+        LocalGroup(tiny('exchange.topology="edges"', 'exchange.edges=[["p1", "m0"]]'), tmp_path / "x", models=2)
