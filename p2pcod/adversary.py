@@ -7,6 +7,7 @@ They speak the real protocol (signed DHT records, the blob stream protocol) and 
 - `RecordForger`: a raw hivemind DHT node without p2pcod's record validator, that stores garbage or
   records claiming another peer's identity under its own signed subkey.
 - Blob forgers: codec blobs with NaN / Inf weights or a decompression bomb, with valid checksums.
+- `huge_config`: a well-formed model config of enormous size, announced with a small valid blob.
 - `python -m p2pcod.adversary --config RECIPE --attack bomb,nan,flood ...`: an adversary process for
   `p2pcod simulate` (a `[[peer]]` with `role = "adversary"`): it builds the swarm's model from the recipe,
   so that its records look like an honest peer's, and cycles through its attacks (see ATTACKS), logging
@@ -100,6 +101,20 @@ def bomb(blob: bytes, inflated: int = 16 << 20) -> bytes:
     """`blob`'s header with a frame of `inflated` zero bytes (a few KB compressed)."""
     header, _ = split(blob)
     return forge(header, frame_of(bytes(inflated)))
+
+
+def huge_config(task: str, model_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """A well-formed model config of the swarm's task, within the task's maxima (only building it tells how big it
+    is), whose weights would take tens of GB: what the "huge-config" attack announces with a small valid blob."""
+    cfg = dict(model_cfg)
+    if task == "lm":  # 64 layers of width 4096: ~13e9 parameters, ~50 GB of fp32
+        heads = cfg.get("heads")
+        ok = isinstance(heads, int) and not isinstance(heads, bool) and heads >= 1 and 4096 % heads == 0
+        return {**cfg, "layers": 64, "width": 4096, "heads": heads if ok else 8}
+    if task == "ctr":  # two hidden layers of 65536 units over 26 embeddings of 1024: ~6e9 parameters
+        return {**cfg, "hidden": [65536, 65536], "embed_dim": 1024}
+    # another task (the tests' toy models): every positive integer a million times larger
+    return {k: v << 20 if isinstance(v, int) and not isinstance(v, bool) and v > 0 else v for k, v in cfg.items()}
 
 
 # ---- a hostile peer ----------------------------------------------------------------------------------
@@ -258,10 +273,11 @@ def state_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 # ---- the adversary process of `p2pcod simulate` --------------------------------------------------------
-# Blob attacks announce a record for the swarm's architecture; the others attack the records or the servers.
+# Blob attacks announce a record for the swarm's architecture; "huge-config" announces a small valid blob with an
+# enormous model config (huge_config); the others attack the records or the servers.
 BLOB_ATTACKS = ("digest", "truncated", "endless", "stall", "wrong-arch", "nan", "inf", "bomb")
 # "idle" joins and does nothing: the control for the CPU an adversary process takes from a simulated swarm
-ATTACKS = BLOB_ATTACKS + ("records", "impersonate", "flood", "idle")
+ATTACKS = BLOB_ATTACKS + ("huge-config", "records", "impersonate", "flood", "idle")
 
 
 def blob_attack(attack: str, valid: bytes) -> tuple[str, bytes, bytes | None]:
@@ -325,6 +341,9 @@ def run_adversary(recipe: Any, *, name: str, swarm: str, run_dir: Path, join: li
                 if attack in BLOB_ATTACKS:
                     mode, blob, served = forged[attack]
                     adv.offer(blob, step=step, model_cfg=cfg, fingerprint=fingerprint, mode=mode, served=served,
+                              strict=False)
+                elif attack == "huge-config":
+                    adv.offer(valid, step=step, model_cfg=huge_config(task.name, cfg), fingerprint=fingerprint,
                               strict=False)
                 elif attack == "impersonate" and others:  # an honest peer's name with a newer step
                     victim = others[round_ % len(others)].name

@@ -2,7 +2,8 @@
 
 A recipe has the tables [task] (task name + task keys), [model] (model config, passed to the task's
 model factory and announced to peers), [train], [distill] and [exchange]. Unknown keys and values of
-the wrong type are a ConfigError that names the key.
+the wrong type or out of range are a ConfigError that names the key; [task] and [model] are checked by
+the task (`Task.check_config`) without loading any data.
 """
 
 from __future__ import annotations
@@ -152,6 +153,7 @@ class Recipe:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], source: str = "") -> Recipe:
         from p2pcod.distill import DistillConfig
+        from p2pcod.tasks import check_config
 
         where = f" in {source}" if source else ""
         unknown = set(raw) - {"task", "model", "train", "distill", "exchange"}
@@ -160,13 +162,15 @@ class Recipe:
         task = _table(raw, "task", where)
         if "name" not in task:
             raise ConfigError(f"task.name is missing{where}")
+        model = _table(raw, "model", where)
         try:
+            check_config(task, model)  # the task's keys and model config, statically: no data, no model built
             distill = DistillConfig.from_dict(_table(raw, "distill", where))
         except ConfigError as err:
             raise ConfigError(f"{err}{where}") from None
         return cls(
             task=task,
-            model=_table(raw, "model", where),
+            model=model,
             train=build_dataclass(TrainConfig, _table(raw, "train", where), "train", where),
             distill=distill,
             exchange=build_dataclass(ExchangeConfig, _table(raw, "exchange", where), "exchange", where),

@@ -1,20 +1,28 @@
 """The background teacher fetcher: members -> topology -> fetch -> decode -> TeacherPool.swap.
 
 It runs on its own thread and never blocks training. Everything it reads from the network is
-untrusted: a blob larger than announced or than the limit is refused before it is read, the digest is
-checked against the signed record, the codec decodes with limits and checks the announced fingerprint,
-and the TeacherPool refuses weights that do not fit the announced model config. Any failure is logged
-and counted, the old teacher stays, and the offending peer is retried later with exponential backoff;
-after repeated offences it is banned for a while.
+untrusted. Before a byte is fetched, the model config a record announces is built on the meta device
+(shapes only, no memory; the task bounds the config's values first): its weights must fit
+`exchange.max_blob_mb` and its fingerprint must be the announced one, and it sets the limits of this
+fetch and decode (`codec.limits_for`), so that peers of one task may run models of different sizes and
+none of them can make us download or decode more than its announced model. Then a blob larger than
+announced or than those limits is refused before it is read, the digest is checked against the signed
+record, the codec decodes with the limits and checks the fingerprint, and the TeacherPool refuses weights
+that do not fit the announced model config. Any failure is logged and counted, the old teacher stays,
+and the offending peer is retried later with exponential backoff; after repeated offences it is banned
+for a while.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 from p2pcod import codec
 from p2pcod.errors import P2pcodError
@@ -40,18 +48,29 @@ class PeerHealth:
 
 @dataclass
 class FetchPolicy:
-    max_bytes: int
+    max_bytes: int  # no checkpoint larger than this, nor a model config whose weights take more (max_blob_mb)
     timeout: float
     backoff: float = 2.0  # first retry delay (s), doubled per consecutive failure
     max_backoff: float = 60.0
     ban_after: int = 5  # consecutive failures before a ban
     ban_for: float = 300.0
-    limits: codec.Limits = field(default_factory=codec.Limits)
     min_rate: float = 0.0  # bytes/s: a checkpoint may take size / min_rate seconds if that exceeds `timeout`
 
     def timeout_for(self, size: int) -> float:
         """The bound on one download of `size` bytes: `timeout`, longer for big checkpoints on slow links."""
         return max(self.timeout, size / self.min_rate) if self.min_rate > 0 else self.timeout
+
+
+@dataclass(frozen=True)
+class Vetted:
+    """What the model config of a record builds (on the meta device)."""
+
+    fingerprint: str
+    nbytes: int  # its weights, as built (fp32 for the tasks' models)
+    limits: codec.Limits  # codec.limits_for the model: accepts its checkpoints and little else
+
+
+VET_CACHE = 32  # model configs whose vetting is remembered (most recently used)
 
 
 class Fetcher:
@@ -91,6 +110,7 @@ class Fetcher:
         self._thread: threading.Thread | None = None
         self.neighbours: list[str] = []
         self._paused = paused  # true while cut off from the swarm (simulated partition): no fetching
+        self._vetted: OrderedDict[str, Vetted | str] = OrderedDict()  # canonical config -> Vetted or why refused
 
     # ---- thread -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -174,14 +194,55 @@ class Fetcher:
         now = time.monotonic()
         return h is None or (now >= h.retry_at and now >= h.banned_until)
 
+    def limits_for(self, record: PeerRecord) -> codec.Limits:
+        """The limits of fetching and decoding the checkpoint of `record`, from the model config it announces;
+        P2pcodError (before anything is fetched) when that config builds no model, a model over max_bytes, or a
+        model of another fingerprint than announced."""
+        p = self.policy
+        v = self.vet(record.model_cfg)
+        if isinstance(v, str):
+            raise P2pcodError(v)
+        if v.nbytes > p.max_bytes:
+            raise P2pcodError(f"announced model config has {v.nbytes} bytes of weights, over the limit {p.max_bytes} "
+                              f"(exchange.max_blob_mb)")
+        if v.fingerprint != record.fingerprint:
+            raise P2pcodError(f"announced fingerprint {record.fingerprint[:16]}... does not match the announced model "
+                              f"config, which builds {v.fingerprint[:16]}...")
+        return dataclasses.replace(v.limits, max_blob_bytes=min(v.limits.max_blob_bytes, p.max_bytes))
+
+    def vet(self, model_cfg: Mapping) -> Vetted | str:
+        """What `model_cfg` builds on the meta device, or why it builds nothing; remembered per canonical config."""
+        try:
+            key = json.dumps(model_cfg, sort_keys=True)
+        except (TypeError, ValueError) as err:
+            return f"announced model config is not plain JSON: {err}"
+        v = self._vetted.get(key)
+        if v is not None:
+            self._vetted.move_to_end(key)
+            return v
+        try:
+            model = self.teachers.meta_model(model_cfg)
+            state = model.state_dict()
+            nbytes = sum(t.numel() * t.element_size() for t in state.values())
+            v = Vetted(codec.fingerprint(state), nbytes, codec.limits_for(state))
+        except P2pcodError as err:
+            v = str(err)
+        self._vetted[key] = v
+        while len(self._vetted) > VET_CACHE:
+            self._vetted.popitem(last=False)
+        return v
+
     def _fetch(self, record: PeerRecord) -> None:
         p = self.policy
         try:
-            if record.size > p.max_bytes:
-                raise P2pcodError(f"announced size {record.size} exceeds the limit {p.max_bytes}")
-            blob = self._fetch_blob(record.peer_id, record.digest, record.size, p.max_bytes, p.timeout_for(record.size))
+            limits = self.limits_for(record)
+            if record.size > limits.max_blob_bytes:
+                raise P2pcodError(f"announced size {record.size} exceeds the limit {limits.max_blob_bytes} for its "
+                                  f"model config")
+            blob = self._fetch_blob(record.peer_id, record.digest, record.size, limits.max_blob_bytes,
+                                    p.timeout_for(record.size))
             self.stats["bytes"] += len(blob)
-            state, meta = codec.decode(blob, expect_fingerprint=record.fingerprint, limits=p.limits)
+            state, meta = codec.decode(blob, expect_fingerprint=record.fingerprint, limits=limits)
             self.teachers.swap(record.name, state, record.model_cfg, record.step, meta)
         except PeerBusy:  # the peer is serving others: not misbehaviour, retry soon without a strike
             self._retry_soon(record)

@@ -70,7 +70,6 @@ class Session:
         self.distill_cfg = distill_cfg
         self.exchange = exchange
         self.fingerprint = codec.fingerprint(model)
-        limits = codec.limits_for(model)  # teachers share the student's architecture
         self.transfer = Transfer(
             membership,
             upload_rate=exchange.upload_mbit * MBIT or None,
@@ -99,13 +98,14 @@ class Session:
             reload_every=exchange.reload_every,
             my_step=lambda: self._step,
             paused=self.cut_off,
+            # the limits of each fetch and decode follow the model config its record announces (neighbours may
+            # run other model sizes), within max_blob_mb: see Fetcher.limits_for
             policy=FetchPolicy(
-                max_bytes=min(int(exchange.max_blob_mb * 2**20), limits.max_blob_bytes),
+                max_bytes=int(exchange.max_blob_mb * 2**20),
                 timeout=exchange.fetch_timeout,
                 min_rate=min(exchange.min_fetch_mbit, exchange.download_mbit or exchange.min_fetch_mbit) * MBIT,
                 ban_after=exchange.ban_after,
                 ban_for=exchange.ban_for,
-                limits=limits,
             ),
         )
         self._threads = [

@@ -8,6 +8,11 @@ always sees a complete, fully loaded set of teachers and never a half-loaded mod
 Reuse: when a teacher's model config is unchanged, its previous module is kept as a standby and loaded
 with the next checkpoint, instead of building a new one; a standby still in use by a running predict()
 is never touched (a fresh module is built instead).
+
+Model configs come from the network: a new module is first built on the meta device (shapes only, no
+memory) and must have exactly the state dict's names and shapes before it is built for real, so a config
+announcing an enormous model with a small checkpoint allocates nothing (`meta_model`, which the fetcher
+also uses to vet a record's config before fetching its checkpoint).
 """
 
 from __future__ import annotations
@@ -80,6 +85,20 @@ def _check_state_dict(name: str, state_dict: Mapping) -> None:
             raise TeacherError(f"teacher {name!r}: tensor {key!r} has non-finite values (NaN or inf)")
 
 
+def _check_fits(name: str, expected: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor]) -> None:
+    """The state dict has exactly the names and shapes of the model its config builds."""
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    if missing or unexpected:
+        raise TeacherError(f"teacher {name!r}: state dict does not fit the model of its config: missing keys "
+                           f"{missing[:8]}, unexpected keys {unexpected[:8]}")
+    for k, t in expected.items():
+        got, want = tuple(state_dict[k].shape), tuple(t.shape)
+        if got != want:
+            raise TeacherError(f"teacher {name!r}: state dict does not fit the model of its config: size mismatch "
+                               f"for {k}: {got} in the checkpoint, {want} in the model")
+
+
 class TeacherPool:
     """Frozen teacher models by neighbour name; thread-safe; aggregates their predictions."""
 
@@ -135,7 +154,7 @@ class TeacherPool:
             if spare is not None and spare.cfg_key == key and spare.busy == 0:
                 module = self._standby.pop(name).module  # ours alone now: no reader holds it
         if module is None:
-            module = self._new_module(name, model_cfg)
+            module = self._new_module(name, model_cfg, state_dict)
         self._load(name, module, state_dict)
         info = TeacherInfo(name, step, copy.deepcopy(dict(model_cfg)), time.time(), dict(meta or {}))
         with self._lock:
@@ -147,17 +166,34 @@ class TeacherPool:
                 self._standby.pop(name, None)
             self._evict_locked(keep=name)
 
-    def _new_module(self, name: str, model_cfg: Mapping) -> torch.nn.Module:
+    def meta_model(self, model_cfg: Mapping, name: str = "") -> torch.nn.Module:
+        """The module `model_cfg` builds, on the meta device: its parameters have shapes and dtypes but no
+        storage, so even an absurd config costs no memory (the task's build_model bounds its keys first).
+        TeacherError when the config builds no model."""
+        return self._build(model_cfg, name, meta=True)
+
+    def _build(self, model_cfg: Mapping, name: str, meta: bool) -> torch.nn.Module:
+        who = f"teacher {name!r}" if name else "announced model config"
+        if not isinstance(model_cfg, Mapping):
+            raise TeacherError(f"{who}: model config must be a mapping, got {type(model_cfg).__name__}")
         try:
-            module = self._build_model(dict(model_cfg))
+            if meta:
+                with torch.device("meta"):  # thread-local: the training thread keeps its own default device
+                    module = self._build_model(dict(model_cfg))
+            else:
+                module = self._build_model(dict(model_cfg))
         except P2pcodError as e:
-            raise TeacherError(f"teacher {name!r}: cannot build a model from its config: {e}") from e
+            raise TeacherError(f"{who}: cannot build a model from its config: {e}") from e
         except Exception as e:  # a malformed config from a peer must not kill the fetcher
-            raise TeacherError(f"teacher {name!r}: building the model from its config failed: {e!r}") from e
+            raise TeacherError(f"{who}: building the model from its config failed: {e!r}") from e
         if not isinstance(module, torch.nn.Module):
-            raise TeacherError(
-                f"teacher {name!r}: build_model returned {type(module).__name__}, not a Module"
-            )
+            raise TeacherError(f"{who}: build_model returned {type(module).__name__}, not a Module")
+        return module
+
+    def _new_module(self, name: str, model_cfg: Mapping, state_dict: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+        # vetted on meta first: a real module is only built when it is exactly as big as the state dict we hold
+        _check_fits(name, self.meta_model(model_cfg, name).state_dict(), state_dict)
+        module = self._build(model_cfg, name, meta=False)
         return module.to(device=self.device, dtype=self.dtype) if self.dtype else module.to(self.device)
 
     def _load(self, name: str, module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:

@@ -415,3 +415,20 @@ def test_limits_for_accept_the_architecture_and_refuse_larger_ones() -> None:
     bigger = {**sd, "extra.weight": torch.randn(4096, 1024)}  # 16 MB more than the limits allow
     with pytest.raises(CodecError, match="max_decoded_bytes|max_tensors|max_tensor_numel|max_blob_bytes"):
         codec.decode(codec.encode(bigger, {}), limits=limits)
+
+
+def test_fingerprint_and_limits_of_a_meta_model_are_those_of_the_real_one() -> None:
+    """The fetcher vets an announced model config on the meta device (no storage): same fingerprint, same limits."""
+    from p2pcod.tasks.lm import GPT, GPTConfig
+
+    c = GPTConfig(layers=2, width=32, heads=4, context=16)
+    real = GPT(c)
+    with torch.device("meta"):
+        meta = GPT(c)
+    assert all(t.is_meta for t in meta.state_dict().values())
+    assert codec.fingerprint(meta) == codec.fingerprint(real) == codec.fingerprint(real.state_dict())
+    assert codec.limits_for(meta) == codec.limits_for(real)
+    with torch.device("meta"):  # 64 layers of width 4096: ~50 GB if it had storage
+        huge = GPT(GPTConfig(layers=64, width=4096, heads=8, context=1024))
+    limits = codec.limits_for(huge)
+    assert limits.max_decoded_bytes > 50e9 and limits.max_tensor_numel == 4 * 4096 * 4096

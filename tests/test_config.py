@@ -60,6 +60,52 @@ def test_bad_values_name_the_key(override, fragment):
         load_recipe(PEERS / "lm-tiny.toml", [override])
 
 
+@pytest.mark.parametrize(
+    "recipe, override, fragment",
+    [
+        ("lm-tiny", "model.widht=96", "unknown key model.widht (known keys of model: context, dropout, heads"),
+        ("lm-tiny", "model.width=30", "model.width (30) must be divisible by model.heads (4)"),
+        ("lm-tiny", "model.heads=0", "model.heads must be an integer >= 1"),
+        ("lm-tiny", 'model.layers="2"', "model.layers must be an integer"),
+        ("lm-tiny", "model.layers=1000", "model.layers = 1000 exceeds the maximum 256"),
+        ("lm-tiny", "model.width=131072", "model.width = 131072 exceeds the maximum 65536"),
+        ("lm-tiny", "model.context=2097152", "model.context = 2097152 exceeds the maximum 1048576"),
+        ("lm-tiny", "model.mlp_ratio=100000.0", "model.mlp_ratio: mlp_ratio * width"),
+        ("lm-tiny", "model.context=1048576;model.width=2048", "model.context: context * width = 1048576 * 2048"),
+        ("lm-tiny", "model.dropout=1.5", "model.dropout"),
+        ("lm-tiny", "task.seq_len=128", "model.context (64) must be >= task.seq_len (128)"),
+        ("lm-tiny", "task.colour=1", "unknown key task.colour (known keys of task: corpus"),
+        ("lm-tiny", "task.val_fraction=0", "task.val_fraction must be > 0"),
+        ("lm-tiny", 'task.poison="evil"', "task.poison must be one of"),
+        ("lm-tiny", 'task.name="vision"', "unknown task.name 'vision'"),
+        ("ctr-small", "model.width=8", "unknown key model.width (known keys of model: embed_dim, hidden)"),
+        ("ctr-small", "model.hidden=[8, 0]", "model.hidden must be a list of positive integers"),
+        ("ctr-small", "model.hidden=[100000]", "model.hidden: a layer of 100000 units exceeds the maximum 65536"),
+        ("ctr-small", "model.embed_dim=8192", "model.embed_dim = 8192 exceeds the maximum 4096"),
+        ("ctr-small", "model.hash_buckets=10", "model.hash_buckets: hash_buckets is a task key"),
+        ("ctr-small", "task.hash_buckets=20000000", "model.embed_dim: 26 columns * task.hash_buckets * embed_dim"),
+        ("ctr-small", "task.skip_bad_lines=1", "task.skip_bad_lines must be true or false"),
+    ],
+)
+def test_task_and_model_keys_are_checked_when_the_recipe_loads(recipe, override, fragment):
+    """[task] and [model] are checked by the task, statically, as the recipe loads: `p2pcod train` and `p2pcod peer`
+    fail before they read data or build a model, naming the key."""
+    with pytest.raises(ConfigError) as err:
+        load_recipe(PEERS / f"{recipe}.toml", override.split(";"))
+    assert fragment in str(err.value) and f"{recipe}.toml" in str(err.value)
+
+
+def test_the_static_task_check_reads_no_data(tmp_path):
+    """Data paths are not opened by the check (that is the task's job when it is built): a recipe naming data that
+    is not there yet loads."""
+    lm = load_recipe(PEERS / "lm-tiny.toml", [f'task.corpus="{tmp_path / "later"}"', "model.width=96", "model.heads=6"])
+    assert lm.model["width"] == 96
+    ctr = load_recipe(PEERS / "ctr-small.toml", [f'task.data="{tmp_path / "later.tsv"}"', "model.hidden=[]"])
+    assert ctr.model["hidden"] == []
+    with pytest.raises(ConfigError, match="model.widht"):  # replace() checks too
+        lm.replace(model={"widht": 3})
+
+
 def test_missing_and_invalid_files(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_recipe(tmp_path / "nope.toml")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import resource
 import time
 
 import pytest
@@ -16,7 +17,7 @@ import torch
 from peerproc import eventually
 
 from p2pcod import codec
-from p2pcod.adversary import LOCAL, Adversary, RecordForger, bomb, with_kept_value, with_scale
+from p2pcod.adversary import LOCAL, Adversary, RecordForger, bomb, huge_config, with_kept_value, with_scale
 from p2pcod.config import ExchangeConfig
 from p2pcod.distill import DistillConfig
 from p2pcod.fetcher import Fetcher, FetchPolicy
@@ -32,10 +33,15 @@ FETCH_TIMEOUT = 1.5
 BAN_AFTER = 3
 
 
+BUILT: list[tuple[dict, str]] = []  # (config, device type) of every model `build` made
+
+
 def build(cfg):
     torch.manual_seed(cfg.get("seed", 0))
-    return torch.nn.Sequential(torch.nn.Linear(cfg["width"], 64), torch.nn.ReLU(),
-                               torch.nn.Linear(64, cfg.get("out", 5)))
+    model = torch.nn.Sequential(torch.nn.Linear(cfg["width"], 64), torch.nn.ReLU(),
+                                torch.nn.Linear(64, cfg.get("out", 5)))
+    BUILT.append((dict(cfg), model[0].weight.device.type))
+    return model
 
 
 CFG = {"width": 16}
@@ -134,6 +140,28 @@ def test_bad_blob_is_rejected_logged_and_banned(attack, honest, adversaries, val
     x = torch.randn(4, 16)
     assert torch.isfinite(honest.distill_loss(honest.model(x), x, step=10))
     assert bad.name not in honest.teachers.names()
+
+
+def test_huge_config_is_refused_before_fetching_and_never_built(honest, adversaries, valid):
+    """"huge-config": a record announcing an enormous model config (4 GB of weights) with a small valid blob and
+    that blob's fingerprint. Before the fix the blob decoded fine and the TeacherPool then built the announced model;
+    now the config is built on the meta device before anything is fetched, refused as an offence, and never built
+    for real."""
+    blob, fp = valid
+    cfg = huge_config("toy", CFG)
+    assert cfg == {"width": 16 << 20}  # Linear(16M, 64): 1e9 weights
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
+    BUILT.clear()
+    bad = adversaries("m-huge")
+    bad.offer(blob, step=5, model_cfg=cfg, fingerprint=fp)
+    h = lambda: honest.fetcher.health.get(bad.peer_id)  # noqa: E731
+    assert eventually(lambda: h() is not None and h().offences >= BAN_AFTER, timeout=30)
+    assert re.search(r"announced model config has \d+ bytes of weights, over the limit", h().last_error), h().last_error
+    assert h().banned_until > time.monotonic()
+    assert bad.requests == 0  # refused before a byte was fetched
+    assert [device for c, device in BUILT if c == cfg] == ["meta"]  # vetted once (remembered), never built for real
+    assert bad.name not in honest.teachers.names() and honest.fetcher._thread.is_alive()
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 1 << 20  # < 1 GiB more at the peak
 
 
 def test_foreign_architecture_is_loaded_but_never_used(honest, adversaries, caplog):
@@ -256,3 +284,19 @@ def test_a_peer_that_failed_before_is_fetched_last(valid):
     f.run_once()
     assert calls == [ids[good], ids[staller]]
     assert f.health[ids[staller]].offences == 2 and f.held[good] == codec.digest(blob2)
+
+
+def test_huge_configs_of_the_tasks_pass_their_checks_but_build_tens_of_gb():
+    """The adversary's huge configs are within the tasks' maxima (only building them, on meta, shows their size)."""
+    from p2pcod.tasks import check_config
+    from p2pcod.tasks.ctr import N_INT, CTRNet
+    from p2pcod.tasks.lm import GPT, gpt_config
+
+    lm = huge_config("lm", {"layers": 2, "width": 64, "heads": 4, "context": 64})
+    check_config({"name": "lm", "seq_len": 64}, lm)
+    ctr = huge_config("ctr", {"hidden": [256, 128], "embed_dim": 8})
+    check_config({"name": "ctr"}, ctr)
+    with torch.device("meta"):
+        models = [GPT(gpt_config(lm)), CTRNet(10_000, ctr["embed_dim"], ctr["hidden"], N_INT)]
+    for m in models:
+        assert sum(t.numel() * t.element_size() for t in m.state_dict().values()) > 20e9

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -15,6 +16,7 @@ from p2pcod.session import CODEC_ID, Session
 from p2pcod.swarm.dht import Membership
 from p2pcod.swarm.records import PeerRecord
 from p2pcod.swarm.transfer import Transfer
+from p2pcod.tasks.lm import GPT, gpt_config
 
 LOCAL = ["/ip4/127.0.0.1/tcp/0"]
 SWARM = "t-session"
@@ -113,24 +115,76 @@ def test_valid_peer_becomes_a_teacher(tmp_path, honest):
         peer.close()
 
 
-def test_fetch_limits_follow_the_model_size(tmp_path, honest, caplog):
-    """A checkpoint far larger than the student's architecture is refused before a byte is downloaded."""
+def test_fetch_limits_follow_the_announced_model(tmp_path, honest):
+    """Limits come from the model config a record announces, built on the meta device before anything is fetched:
+    a checkpoint far larger than its announced model, a config whose weights exceed max_blob_mb, and a fingerprint
+    that is not the announced config's are all refused before a byte is downloaded."""
+    limits = honest.fetcher.limits_for(honest.record())  # our own announced model: what a same-size peer gets
     nbytes = sum(p.numel() * 4 for p in honest.model.parameters())
-    limits = honest.fetcher.policy.limits
     assert limits.max_decoded_bytes <= 1.25 * nbytes + (1 << 20) and limits.max_tensors == 4
-    assert honest.fetcher.policy.max_bytes == limits.max_blob_bytes < 3 << 20
+    assert limits.max_blob_bytes < 3 << 20 and honest.fetcher.policy.max_bytes == 2048 << 20  # max_blob_mb
     bad = Adversary(tmp_path, honest, "huge")
     try:
         big = torch.nn.Linear(2048, 2048)  # 16 MB of fp32, ~4 MB encoded: above every limit of a 6 KB model
         blob = codec.encode(big.state_dict(), {})
-        assert len(blob) > honest.fetcher.policy.max_bytes
-        bad.offer(blob, 5, {"width": 16}, honest.fingerprint)
-        assert eventually(lambda: honest.fetcher.stats["failed"] >= 1, 30)
-        assert bad.t.stats["uploads"] == 0 and bad.t.stats["bytes_out"] == 0  # refused before connecting
-        assert honest.fetcher.health[bad.m.peer_id].last_error.startswith("announced size")
+        assert len(blob) > limits.max_blob_bytes
+        with torch.device("meta"):
+            enormous_fp = codec.fingerprint(build({"width": 10**7}))  # 2.6 GB of fp32 weights
+        cases = [  # (model config, fingerprint, error)
+            ({"width": 16}, honest.fingerprint, "announced size .* exceeds the limit .* for its model config"),
+            ({"width": 10**7}, enormous_fp, "bytes of weights, over the limit .*max_blob_mb"),
+            ({"width": 24}, honest.fingerprint, "fingerprint .* does not match the announced model config"),
+            ({"widht": 16}, honest.fingerprint, "announced model config: building the model from its config failed"),
+        ]
+        for i, (cfg, fp, error) in enumerate(cases, 1):
+            bad.offer(blob, 5 * i, cfg, fp)
+            assert eventually(lambda i=i: honest.fetcher.stats["failed"] >= i, 30), cfg
+            assert re.search(error, honest.fetcher.health[bad.m.peer_id].last_error), cfg
+            assert bad.t.stats["uploads"] == 0 and bad.t.stats["bytes_out"] == 0  # refused before connecting
         assert len(honest.teachers) == 0
     finally:
         bad.close()
+
+
+def gpt(cfg):
+    return GPT(gpt_config(cfg))
+
+
+def test_peers_of_different_widths_teach_each_other(tmp_path):
+    """A heterogeneous swarm (topologies/hetero-3.toml): each peer fetches and decodes its neighbour's checkpoint
+    within the limits of the model the neighbour announces, not its own, in both directions."""
+    cfgs = {"narrow": {"layers": 1, "width": 32, "heads": 2, "context": 16},
+            "wide": {"layers": 1, "width": 96, "heads": 2, "context": 16}}
+    exchange = ExchangeConfig(topology="full", reload_every=5, ttl=10.0, heartbeat=1.0)
+    sessions: dict[str, Session] = {}
+    try:
+        for name, cfg in cfgs.items():
+            torch.manual_seed(len(sessions))
+            sessions[name] = Session.join(
+                swarm=SWARM, name=name, identity_dir=tmp_path / name, host_maddrs=LOCAL,
+                initial_peers=sessions["narrow"].visible_maddrs() if sessions else (), model=gpt(cfg),
+                model_cfg=cfg, task="lm", build_model=gpt, kind="multiclass", exchange=exchange,
+                distill_cfg=DistillConfig(burn_in=0))
+            sessions[name].fetcher.interval = 0.2
+        narrow, wide = sessions["narrow"], sessions["wide"]
+        # the narrow model's own limits would refuse every tensor of the wide one that is wider than its own
+        assert max(p.numel() for p in wide.model.parameters()) > codec.limits_for(narrow.model).max_tensor_numel
+        for step, s in enumerate(sessions.values(), 5):
+            s.publish_now(step)
+        assert eventually(lambda: narrow.teachers.names() == ["wide"] and wide.teachers.names() == ["narrow"], 60)
+        x = torch.randint(0, 256, (2, 16))
+        for me, other in (("narrow", "wide"), ("wide", "narrow")):
+            s = sessions[me]
+            stats = s.stats()
+            assert (stats["teachers"], stats["fetch_ok"], stats["fetch_failed"]) == (1, 1, 0), (me, stats)
+            assert s.fetcher.health == {}
+            assert [(i.name, i.model_cfg["width"]) for i in s.teachers.info()] == [(other, cfgs[other]["width"])]
+            logits = s.model(x)
+            assert s.predict(x).shape == logits.shape == (2, 16, 256)
+            assert s.distill_loss(logits, x, step=10).item() > 0
+    finally:
+        for s in sessions.values():
+            s.close()
 
 
 def test_exchange_config_sets_bans_and_stream_caps(tmp_path):

@@ -144,6 +144,10 @@ def assert_no_processes(simulation: sim.Simulation | None, run_dir: Path) -> Non
     ("[[peer]]\nindex = 1\nupload_mbit = -1.0", "peer[1].upload_mbit"),
     ("[[peer]]\nindex = 1\nrecipe = 'peers/nope.toml'", "peer[1].recipe = 'peers/nope.toml': no such file"),
     ("[[peer]]\nindex = 1\nset = {task = {poison = 'evil'}}", "task.poison must be one of"),
+    ("[[peer]]\nindex = 1\nset = {model = {widht = 96}}", "peer p1: unknown key model.widht (known keys of model:"),
+    ("[[peer]]\nindex = 2\nset = {model = {width = 30}}", "model.width (30) must be divisible by model.heads (4)"),
+    ("[swarm.set.model]\nlayers = 100000", "model.layers = 100000 exceeds the maximum 256"),
+    ("[[peer]]\nindex = 1\nset = {task = {seq_len = 4096}}", "model.context (64) must be >= task.seq_len (4096)"),
 ])
 def test_bad_spec_names_the_key_and_starts_nothing(tmp_path, monkeypatch, extra, message):
     body = BASIC.replace("[swarm]", extra, 1) if extra.startswith("[swarm]") else BASIC + extra

@@ -169,6 +169,8 @@ def test_lm_missing_corpus_is_a_data_error(tmp_path):
         ({"depth": 2}, "depth"),
         ({"dropout": 1.0}, "dropout"),
         ({"heads": True}, "heads"),
+        ({"layers": 10**7}, "model.layers = 10000000 exceeds the maximum 256"),  # refused before a module is built
+        ({"width": 1 << 20}, "model.width = 1048576 exceeds the maximum 65536"),
     ],
 )
 def test_lm_bad_model_config(lm, change, key):
@@ -300,6 +302,8 @@ def test_ctr_model_config(ctr):
         ctr.build_model({"hidden": [8, 0]})
     with pytest.raises(ConfigError, match="width"):
         ctr.build_model({"width": 8})
+    with pytest.raises(ConfigError, match="model.hidden has 1000 layers, more than the maximum 64"):
+        ctr.build_model({"hidden": [1] * 1000})
     model = ctr.build_model({"hidden": [], "embed_dim": 2})  # no hidden layer: logistic regression
     assert model(ctr.val_batches(4, 1)[0].x).shape == (4,)
 

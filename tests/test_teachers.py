@@ -24,18 +24,27 @@ class MLP(torch.nn.Module):
         return self.net(x)
 
 
+def _real(m: torch.nn.Module) -> bool:
+    """Built with storage, not on the meta device (where the pool first vets every config)."""
+    return not any(t.is_meta for t in m.state_dict().values())
+
+
 class Builder:
-    """build_model for the pool that records what it built."""
+    """build_model for the pool that records what it built (for real; `meta` counts the meta builds)."""
 
     def __init__(self) -> None:
         self.built: list[torch.nn.Module] = []
+        self.meta = 0
 
     def __call__(self, cfg: Mapping) -> torch.nn.Module:
         if cfg.get("kind") == "split":
             m = SplitConst()
         else:
             m = MLP(cfg["d_in"], cfg["hidden"], cfg["classes"], cfg.get("dropout", 0.0))
-        self.built.append(m)
+        if _real(m):
+            self.built.append(m)
+        else:
+            self.meta += 1
         return m
 
 
@@ -125,6 +134,26 @@ def test_bad_model_config_raises_teacher_error():
     with pytest.raises(TeacherError, match="'x'.*config"):
         pool.swap("x", _weights(), {"d_in": 4}, step=0)
     assert len(pool) == 0
+
+
+def test_a_config_is_vetted_on_meta_before_a_module_is_built():
+    """A config whose model does not have the state dict's names and shapes (say, one announcing an enormous model
+    with a small checkpoint) is refused after a build on the meta device, which allocates nothing."""
+    pool, b = _pool()
+    huge = {**CFG, "hidden": 1 << 22, "d_in": 1 << 12}  # 16e9 weights: 64 GB if it were ever built for real
+    with pytest.raises(TeacherError, match="'a'.*does not fit the model of its config.*size mismatch for net.0.weight"):
+        pool.swap("a", _weights(), huge, step=1)
+    assert b.built == [] and b.meta == 1 and len(pool) == 0
+    with pytest.raises(TeacherError, match="missing keys.*net.3.bias.*unexpected keys.*extra"):
+        pool.swap("a", {**{k: v for k, v in _weights().items() if k != "net.3.bias"}, "extra": torch.zeros(1)}, CFG,
+                  step=1)
+    assert b.built == []
+    pool.swap("a", _weights(), CFG, step=2)  # a fitting state dict: vetted on meta, then built once for real
+    assert len(b.built) == 1 and b.meta == 3 and pool.names() == ["a"]
+    meta = pool.meta_model(huge)
+    assert meta.net[0].weight.shape == (1 << 22, 1 << 12) and meta.net[0].weight.is_meta
+    with pytest.raises(TeacherError, match="announced model config: building the model from its config failed"):
+        pool.meta_model({"d_in": 4})
 
 
 def test_module_reuse_when_config_unchanged():
@@ -308,7 +337,13 @@ def test_snapshot_is_not_reloaded_by_a_concurrent_swap():
     """Two swaps while the module being copied is read: without the busy mark the second would reload that very
     module (it became the standby) and the copy would hold step 4's weights under step 2's info."""
     built: list[_Hooked] = []
-    pool = TeacherPool(lambda cfg: built.append(_Hooked(**cfg)) or built[-1], DistillConfig(), "multiclass")
+    def build(cfg):
+        m = _Hooked(**cfg)
+        if _real(m):
+            built.append(m)
+        return m
+
+    pool = TeacherPool(build, DistillConfig(), "multiclass")
     for step in (1, 2):
         pool.swap("a", _weights(seed=step), CFG, step=step)
     copied = built[-1]

@@ -34,6 +34,14 @@ class Task(ABC):
     def __init__(self, cfg: Mapping[str, Any]) -> None:
         self.cfg = dict(cfg)
 
+    @classmethod  # noqa: B027 - optional: the default checks nothing
+    def check_config(cls, task_cfg: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> None:
+        """Check a recipe's [task] table (without `name` and `poison`) and [model] table without loading data or
+        building a model: known keys, types, ranges (with the task's maxima) and relations; a ConfigError names the
+        key. Tasks override it; build_model() applies the same model checks to every config it is given, a
+        neighbour's announced one included, so an absurd config is refused before a module is built. The default
+        checks nothing (a task without static checks fails in its constructor)."""
+
     @abstractmethod
     def build_model(self, model_cfg: Mapping[str, Any]) -> nn.Module: ...
 
@@ -73,10 +81,16 @@ def check_keys(cfg: Mapping[str, Any], allowed: set[str] | frozenset[str], secti
         )
 
 
-def get_int(cfg: Mapping[str, Any], key: str, default: int | None, section: str, *, minimum: int = 1) -> int:
+def get_int(
+    cfg: Mapping[str, Any], key: str, default: int | None, section: str, *, minimum: int = 1,
+    maximum: int | None = None,
+) -> int:
     value = cfg.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
         raise ConfigError(f"{section}.{key} must be an integer >= {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{section}.{key} = {value} exceeds the maximum {maximum} (an integer in [{minimum}, "
+                          f"{maximum}])")
     return int(value)
 
 

@@ -46,6 +46,13 @@ TASK_KEYS = frozenset(
     }
 )
 MODEL_KEYS = frozenset({"hidden", "embed_dim"})
+# Maxima of a model config (any peer's, an announced one included) and of the task's hash_buckets: generous,
+# finite, so that even building an absurd config on the meta device costs next to nothing.
+MAX_HIDDEN_LAYERS = 64  # entries of model.hidden
+MAX_HIDDEN = 65536  # units of one hidden layer
+MAX_EMBED_DIM = 4096
+MAX_BUCKETS = 1 << 30  # task.hash_buckets
+MAX_TABLE = 1 << 31  # 26 * hash_buckets * embed_dim: entries of the embedding table (8 GiB of fp32)
 READ_CHUNK = 8 << 20  # bytes parsed at a time: bounded memory on a large file
 NONIID_SKEW = 0.6  # noniid: shard i gets weight 1 ± 0.6 of the positives (and the reverse of the negatives)
 _DEC = np.full(256, -1, dtype=np.int8)
@@ -281,20 +288,14 @@ class CTRTask(Task):
 
     def __init__(self, cfg: Mapping[str, Any]) -> None:
         super().__init__(cfg)
-        check_keys(cfg, TASK_KEYS, "task")
-        self.data, self.val_data = _path_key(cfg, "data"), _path_key(cfg, "val_data")
-        self.val_fraction = get_float(cfg, "val_fraction", 0.1, "task", low=0.0, high=1.0)
-        self.max_rows = get_int(cfg, "max_rows", None, "task") if cfg.get("max_rows") is not None else None
-        self.synthetic_rows = get_int(cfg, "synthetic_rows", 100_000, "task", minimum=2)
-        self.skip_bad_lines = get_bool(cfg, "skip_bad_lines", False, "task")
-        self.buckets = get_int(cfg, "hash_buckets", 10_000, "task", minimum=2)
-        self.missing_indicator = get_bool(cfg, "missing_indicator", False, "task")
+        c = ctr_settings(cfg)
+        self.data, self.val_data, self.val_fraction, self.max_rows = c.data, c.val_data, c.val_fraction, c.max_rows
+        self.synthetic_rows, self.skip_bad_lines, self.buckets = c.synthetic_rows, c.skip_bad_lines, c.buckets
+        self.missing_indicator = c.missing_indicator
         rows = self._load(self.data) if self.data else _synthetic_cached(self.synthetic_rows)
         if self.val_data:
             train, val = rows, self._load(self.val_data)
         else:
-            if self.val_fraction == 0.0:
-                raise ConfigError("task.val_fraction must be > 0 when task.val_data is not given")
             n_val = min(len(rows) - 1, max(1, int(round(self.val_fraction * len(rows)))))
             if n_val < 1:
                 raise DataError(f"CTR data has {len(rows)} row(s): too few to hold out validation rows")
@@ -322,20 +323,13 @@ class CTRTask(Task):
         return N_INT * (2 if self.missing_indicator else 1)
 
     # ---- model / loss ---------------------------------------------------------------------------
+    @classmethod
+    def check_config(cls, task_cfg: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> None:
+        _model_settings(model_cfg, ctr_settings(task_cfg).buckets)
+
     def build_model(self, model_cfg: Mapping[str, Any]) -> nn.Module:
-        if "hash_buckets" in model_cfg:
-            raise ConfigError(
-                "model.hash_buckets: hash_buckets is a task key (task.hash_buckets) for ctr, "
-                "so every peer featurises alike"
-            )
-        check_keys(model_cfg, MODEL_KEYS, "model")
-        hidden = model_cfg.get("hidden", [256, 128, 64])
-        if not isinstance(hidden, list | tuple) or not all(
-            isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden
-        ):
-            raise ConfigError(f"model.hidden must be a list of positive integers, got {hidden!r}")
-        embed_dim = get_int(model_cfg, "embed_dim", 8, "model")
-        return CTRNet(self.buckets, embed_dim, list(hidden), self.dense_dim)
+        hidden, embed_dim = _model_settings(model_cfg, self.buckets)
+        return CTRNet(self.buckets, embed_dim, hidden, self.dense_dim)
 
     def loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         return F.binary_cross_entropy_with_logits(logits.reshape(-1).float(), batch.y.reshape(-1).float())
@@ -402,6 +396,63 @@ class CTRTask(Task):
             "hash_buckets": self.buckets,
             "shards": {f"{k}/{sp}": [len(r) for r in parts] for (k, sp), parts in self._parts.items()},
         }
+
+
+@dataclass(frozen=True)
+class CTRSettings:
+    """The [task] table of a ctr peer, checked without reading data."""
+
+    data: str
+    val_data: str
+    val_fraction: float
+    max_rows: int | None
+    synthetic_rows: int
+    skip_bad_lines: bool
+    buckets: int
+    missing_indicator: bool
+
+
+def ctr_settings(cfg: Mapping[str, Any]) -> CTRSettings:
+    check_keys(cfg, TASK_KEYS, "task")
+    c = CTRSettings(
+        data=_path_key(cfg, "data"),
+        val_data=_path_key(cfg, "val_data"),
+        val_fraction=get_float(cfg, "val_fraction", 0.1, "task", low=0.0, high=1.0),
+        max_rows=get_int(cfg, "max_rows", None, "task") if cfg.get("max_rows") is not None else None,
+        synthetic_rows=get_int(cfg, "synthetic_rows", 100_000, "task", minimum=2),
+        skip_bad_lines=get_bool(cfg, "skip_bad_lines", False, "task"),
+        buckets=get_int(cfg, "hash_buckets", 10_000, "task", minimum=2, maximum=MAX_BUCKETS),
+        missing_indicator=get_bool(cfg, "missing_indicator", False, "task"),
+    )
+    if not c.val_data and c.val_fraction == 0.0:
+        raise ConfigError("task.val_fraction must be > 0 when task.val_data is not given")
+    return c
+
+
+def _model_settings(model_cfg: Mapping[str, Any], buckets: int) -> tuple[list[int], int]:
+    """(hidden, embed_dim) of a [model] table, checked against the maxima above."""
+    if not isinstance(model_cfg, Mapping):
+        raise ConfigError(f"[model] must be a table, got {type(model_cfg).__name__}")
+    if "hash_buckets" in model_cfg:
+        raise ConfigError(
+            "model.hash_buckets: hash_buckets is a task key (task.hash_buckets) for ctr, "
+            "so every peer featurises alike"
+        )
+    check_keys(model_cfg, MODEL_KEYS, "model")
+    hidden = model_cfg.get("hidden", [256, 128, 64])
+    if not isinstance(hidden, list | tuple) or not all(
+        isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden
+    ):
+        raise ConfigError(f"model.hidden must be a list of positive integers, got {hidden!r}")
+    if len(hidden) > MAX_HIDDEN_LAYERS:
+        raise ConfigError(f"model.hidden has {len(hidden)} layers, more than the maximum {MAX_HIDDEN_LAYERS}")
+    if max(hidden, default=0) > MAX_HIDDEN:
+        raise ConfigError(f"model.hidden: a layer of {max(hidden)} units exceeds the maximum {MAX_HIDDEN}")
+    embed_dim = get_int(model_cfg, "embed_dim", 8, "model", maximum=MAX_EMBED_DIM)
+    if N_CAT * buckets * embed_dim > MAX_TABLE:
+        raise ConfigError(f"model.embed_dim: {N_CAT} columns * task.hash_buckets * embed_dim = {N_CAT} * {buckets} * "
+                          f"{embed_dim} embedding entries exceeds the maximum {MAX_TABLE}")
+    return list(hidden), embed_dim
 
 
 def _path_key(cfg: Mapping[str, Any], key: str) -> str:

@@ -38,6 +38,13 @@ from p2pcod.tasks.base import (
 VOCAB = 256
 TASK_KEYS = frozenset({"corpus", "val_fraction", "max_bytes", "seq_len", "pattern"})
 MODEL_KEYS = frozenset({"layers", "width", "heads", "context", "mlp_ratio", "dropout", "tie_head"})
+# Maxima of a model config (any peer's, an announced one included): generous for a byte-level model, finite, so
+# that even building an absurd config on the meta device costs next to nothing.
+MAX_LAYERS = 256
+MAX_WIDTH = 65536
+MAX_CONTEXT = 1 << 20  # also the maximum task.seq_len
+MAX_MLP_HIDDEN = 1 << 20  # round(mlp_ratio * width): the MLP's hidden units
+MAX_POS_TABLE = 1 << 30  # context * width: entries of the position-embedding table (4 GiB of fp32)
 # Directories never read from the default corpus (third-party code and the test suites).
 SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "__pycache__"})
 
@@ -120,22 +127,72 @@ def _init_weights(m: nn.Module) -> None:
 
 
 def gpt_config(model_cfg: Mapping[str, Any]) -> GPTConfig:
+    """The [model] table of an lm peer, checked (keys, types, the maxima above, width % heads == 0)."""
+    if not isinstance(model_cfg, Mapping):
+        raise ConfigError(f"[model] must be a table, got {type(model_cfg).__name__}")
     check_keys(model_cfg, MODEL_KEYS, "model")
     missing = [k for k in ("layers", "width", "heads", "context") if k not in model_cfg]
     if missing:
         raise ConfigError(f"model.{missing[0]} is required for task lm")
     c = GPTConfig(
-        layers=get_int(model_cfg, "layers", None, "model"),
-        width=get_int(model_cfg, "width", None, "model"),
-        heads=get_int(model_cfg, "heads", None, "model"),
-        context=get_int(model_cfg, "context", None, "model"),
+        layers=get_int(model_cfg, "layers", None, "model", maximum=MAX_LAYERS),
+        width=get_int(model_cfg, "width", None, "model", maximum=MAX_WIDTH),
+        heads=get_int(model_cfg, "heads", None, "model", maximum=MAX_WIDTH),
+        context=get_int(model_cfg, "context", None, "model", maximum=MAX_CONTEXT),
         mlp_ratio=get_float(model_cfg, "mlp_ratio", 4.0, "model", low=1e-6, high=1e6),
         dropout=get_float(model_cfg, "dropout", 0.0, "model", low=0.0, high=1.0),
         tie_head=get_bool(model_cfg, "tie_head", True, "model"),
     )
     if c.width % c.heads:
         raise ConfigError(f"model.width ({c.width}) must be divisible by model.heads ({c.heads})")
+    hidden = int(round(c.mlp_ratio * c.width))
+    if hidden > MAX_MLP_HIDDEN:
+        raise ConfigError(f"model.mlp_ratio: mlp_ratio * width = {c.mlp_ratio:g} * {c.width} = {hidden} hidden units "
+                          f"exceeds the maximum {MAX_MLP_HIDDEN}")
+    if c.context * c.width > MAX_POS_TABLE:
+        raise ConfigError(f"model.context: context * width = {c.context} * {c.width} position-embedding entries "
+                          f"exceeds the maximum {MAX_POS_TABLE}")
     return c
+
+
+@dataclass(frozen=True)
+class LMSettings:
+    """The [task] table of an lm peer, checked without reading the corpus."""
+
+    entries: tuple[str, ...]  # corpus paths as given (empty: the default corpus)
+    pattern: str
+    val_fraction: float
+    max_bytes: int
+    seq_len: int
+
+
+def lm_settings(cfg: Mapping[str, Any]) -> LMSettings:
+    check_keys(cfg, TASK_KEYS, "task")
+    corpus = cfg.get("corpus", "")
+    if isinstance(corpus, str):
+        entries = (corpus,) if corpus else ()
+    elif isinstance(corpus, list | tuple) and corpus and all(isinstance(e, str) and e for e in corpus):
+        entries = tuple(corpus)
+    else:
+        raise ConfigError(f"task.corpus must be a path or a non-empty list of paths, got {corpus!r}")
+    pattern = cfg.get("pattern", "")
+    if not isinstance(pattern, str):
+        raise ConfigError(f"task.pattern must be a file-name glob like '*.py', got {pattern!r}")
+    val_fraction = get_float(cfg, "val_fraction", 0.05, "task", low=0.0, high=1.0)
+    if val_fraction == 0.0:
+        raise ConfigError("task.val_fraction must be > 0 (validation needs held-out files), got 0")
+    return LMSettings(
+        entries=entries,
+        pattern=pattern or ("*.py" if not entries else "*"),
+        val_fraction=val_fraction,
+        max_bytes=get_int(cfg, "max_bytes", 32_000_000, "task"),
+        seq_len=get_int(cfg, "seq_len", 128, "task", maximum=MAX_CONTEXT),
+    )
+
+
+def _check_context(c: GPTConfig, seq_len: int) -> None:
+    if c.context < seq_len:
+        raise ConfigError(f"model.context ({c.context}) must be >= task.seq_len ({seq_len})")
 
 
 # ---- the corpus -----------------------------------------------------------------------------------
@@ -227,24 +284,12 @@ class LMTask(Task):
 
     def __init__(self, cfg: Mapping[str, Any]) -> None:
         super().__init__(cfg)
-        check_keys(cfg, TASK_KEYS, "task")
-        corpus = cfg.get("corpus", "")
-        if isinstance(corpus, str):
-            entries = (corpus,) if corpus else ()
-        elif isinstance(corpus, list | tuple) and corpus and all(isinstance(e, str) and e for e in corpus):
-            entries = tuple(corpus)
-        else:
-            raise ConfigError(f"task.corpus must be a path or a non-empty list of paths, got {corpus!r}")
-        self.entries = tuple(str(Path(e).expanduser().resolve()) for e in entries)
-        pattern = cfg.get("pattern", "")
-        if not isinstance(pattern, str):
-            raise ConfigError(f"task.pattern must be a file-name glob like '*.py', got {pattern!r}")
-        self.pattern = pattern or ("*.py" if not entries else "*")
-        self.val_fraction = get_float(cfg, "val_fraction", 0.05, "task", low=0.0, high=1.0)
-        if self.val_fraction == 0.0:
-            raise ConfigError("task.val_fraction must be > 0 (validation needs held-out files), got 0")
-        self.max_bytes = get_int(cfg, "max_bytes", 32_000_000, "task")
-        self.seq_len = get_int(cfg, "seq_len", 128, "task")
+        settings = lm_settings(cfg)
+        self.entries = tuple(str(Path(e).expanduser().resolve()) for e in settings.entries)
+        self.pattern = settings.pattern
+        self.val_fraction = settings.val_fraction
+        self.max_bytes = settings.max_bytes
+        self.seq_len = settings.seq_len
         files = load_corpus(self.entries, self.pattern, self.max_bytes)
         if len(files) < 2:
             raise DataError(f"task.corpus has {len(files)} file(s); lm needs >= 2 (training and validation)")
@@ -257,10 +302,14 @@ class LMTask(Task):
         self._shards: dict[tuple[int, int, str], tuple[list[str], np.ndarray]] = {}
 
     # ---- model / loss ---------------------------------------------------------------------------
+    @classmethod
+    def check_config(cls, task_cfg: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> None:
+        settings = lm_settings(task_cfg)
+        _check_context(gpt_config(model_cfg), settings.seq_len)
+
     def build_model(self, model_cfg: Mapping[str, Any]) -> nn.Module:
         c = gpt_config(model_cfg)
-        if c.context < self.seq_len:
-            raise ConfigError(f"model.context ({c.context}) must be >= task.seq_len ({self.seq_len})")
+        _check_context(c, self.seq_len)
         return GPT(c)
 
     def loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
