@@ -108,8 +108,8 @@ class SimSpec:
     def alone(self) -> SimSpec:
         """The same peers trained alone (topology none, no faults, no caps): the comparison run."""
         peers = tuple(  # the honest ones: adversaries have nothing to train alone
-            PeerSpec(i, p.name, p.recipe, p.overrides + ('exchange.topology="none"',),
-                     p.recipe_cfg.replace(exchange={"topology": "none"}), group_size=p.group_size)
+            PeerSpec(i, p.name, p.recipe, p.overrides + ('exchange.topology="none"', "exchange.edges=[]"),
+                     p.recipe_cfg.replace(exchange={"topology": "none", "edges": []}), group_size=p.group_size)
             for i, p in enumerate(self.honest_peers)
         )
         return SimSpec(
@@ -169,7 +169,7 @@ def parse_spec(raw: Mapping[str, Any], path: Path, cores: int | None = None) -> 
     name = swarm.get("name", path.stem)
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise ConfigError(f"swarm.name = {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
-    return SimSpec(
+    spec = SimSpec(
         name=name, path=path, peers=peers, faults=faults, topology=peers[0].recipe_cfg.exchange.topology,
         steps=steps, budget_s=budget, threads=threads, compare_alone=compare_alone, compare_clean=compare_clean,
         baseline=Path(baseline) if baseline else None,
@@ -177,6 +177,12 @@ def parse_spec(raw: Mapping[str, Any], path: Path, cores: int | None = None) -> 
         stop_timeout_s=_num(swarm, "stop_timeout_s", "swarm.stop_timeout_s", default=60.0),
         description=str(swarm.get("description", "")), sync_start=_bool(swarm, "sync_start", True), raw=dict(raw),
     )
+    # the comparison runs are built now, so an error in them stops the spec before any process starts
+    if compare_alone:
+        spec.alone()
+    if compare_clean:
+        spec.clean()
+    return spec
 
 
 # ---- peers ----------------------------------------------------------------------------------------

@@ -189,6 +189,18 @@ def test_spec_defaults_threads_and_per_peer_overrides(tmp_path):
     assert spec.alone().peers[2].recipe_cfg.exchange.topology == "none"
 
 
+def test_the_alone_comparison_of_an_edges_spec_drops_the_edges(tmp_path):
+    body = BASIC.replace('topology = "ring"', 'topology = "edges"\ncompare_alone = true') + textwrap.dedent("""
+        [swarm.set.exchange]
+        edges = [["p0", "p1"], ["p1", "p2"]]
+    """)
+    spec = load_spec(write_spec(tmp_path, body))
+    assert spec.peers[0].recipe_cfg.exchange.edges
+    alone = spec.alone()
+    assert all(p.recipe_cfg.exchange.topology == "none" and not p.recipe_cfg.exchange.edges for p in alone.peers)
+    assert all("exchange.edges=[]" in p.overrides for p in alone.peers)  # what the alone peers are started with
+
+
 def test_shipped_topologies_are_valid():
     specs = sorted((ROOT / "topologies").glob("*.toml"))
     names = {p.stem for p in specs}
