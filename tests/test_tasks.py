@@ -129,6 +129,26 @@ def test_lm_small_tree_and_file_list(tmp_path):
     assert sum(len(d) for _, d in capped.train_files + capped.val_files) == 2000
 
 
+def test_lm_capped_corpus_first_files_or_spread_over_directories(tmp_path):
+    """take = "first" keeps the first files by path; "spread" keeps some of every top-level directory."""
+    root = _tree(tmp_path / "c", {f"{d}/f{i}.txt": f"{d}{i} " * 100 for d in "abcdef" for i in range(4)})
+    cfg = {"name": "lm", "corpus": str(root), "seq_len": 16, "val_fraction": 0.01, "max_bytes": 2400}
+
+    def dirs(task):
+        return {rel.split("/")[0] for rel, _ in task.train_files + task.val_files}
+
+    first = get_task(cfg)
+    assert dirs(first) == {"a", "b"}  # 8 files of 300 bytes: all of a/, all of b/
+    with pytest.raises(ConfigError, match='set task.take = "spread"'):
+        first.train_batches(0, 4, split="noniid", batch_size=2, seed=0)
+    spread = get_task({**cfg, "take": "spread"})
+    assert dirs(spread) == set("abcdef")
+    assert sum(len(d) for _, d in spread.train_files + spread.val_files) == 2400
+    assert spread.train_files == sorted(spread.train_files)
+    shards = [{f.split("/")[0] for f in spread.shard_files(i, 4, "noniid")} for i in range(4)]
+    assert all(shards) and sum(map(len, shards)) == len(set().union(*shards))  # whole directories each
+
+
 def test_lm_shard_arguments_checked(lm):
     for kwargs, key in [
         ({"shard": 3, "num_shards": 3}, "shard"),
@@ -148,6 +168,7 @@ def test_lm_shard_arguments_checked(lm):
         ({"corpus": 3}, "corpus"),
         ({"vocab": 300}, "vocab"),
         ({"max_bytes": -1}, "max_bytes"),
+        ({"take": "middle"}, "task.take must be one of first, spread"),
     ],
 )
 def test_lm_bad_task_config(cfg, key):

@@ -36,7 +36,8 @@ from p2pcod.tasks.base import (
 )
 
 VOCAB = 256
-TASK_KEYS = frozenset({"corpus", "val_fraction", "max_bytes", "seq_len", "pattern"})
+TASK_KEYS = frozenset({"corpus", "val_fraction", "max_bytes", "take", "seq_len", "pattern"})
+TAKES = ("first", "spread")  # which files task.max_bytes keeps
 MODEL_KEYS = frozenset({"layers", "width", "heads", "context", "mlp_ratio", "dropout", "tie_head"})
 # Maxima of a model config (any peer's, an announced one included): generous for a byte-level model, finite, so
 # that even building an absurd config on the meta device costs next to nothing.
@@ -164,6 +165,7 @@ class LMSettings:
     val_fraction: float
     max_bytes: int
     seq_len: int
+    take: str = "first"
 
 
 def lm_settings(cfg: Mapping[str, Any]) -> LMSettings:
@@ -187,7 +189,15 @@ def lm_settings(cfg: Mapping[str, Any]) -> LMSettings:
         val_fraction=val_fraction,
         max_bytes=get_int(cfg, "max_bytes", 32_000_000, "task"),
         seq_len=get_int(cfg, "seq_len", 128, "task", maximum=MAX_CONTEXT),
+        take=_take(cfg.get("take", "first")),
     )
+
+
+def _take(value: Any) -> str:
+    if value not in TAKES:
+        raise ConfigError(f"task.take must be one of {', '.join(TAKES)} (which files task.max_bytes keeps), "
+                          f"got {value!r}")
+    return str(value)
 
 
 def _check_context(c: GPTConfig, seq_len: int) -> None:
@@ -214,8 +224,13 @@ def _walk(root: Path, pattern: str, skip_dirs: frozenset[str]) -> list[Path]:
 
 
 @functools.lru_cache(maxsize=8)
-def load_corpus(entries: tuple[str, ...], pattern: str, max_bytes: int) -> tuple[tuple[str, bytes], ...]:
-    """(relative path, raw bytes) of every file, sorted by path, the last one cut so the total <= max_bytes.
+def load_corpus(entries: tuple[str, ...], pattern: str, max_bytes: int, take: str = "first"
+                ) -> tuple[tuple[str, bytes], ...]:
+    """(relative path, raw bytes) of files up to max_bytes in all, sorted by path, the last one cut.
+
+    take "first": the first files by path. "spread": the files of every top-level directory in turn (one
+    of each, then the second of each...), so a capped corpus keeps every kind of text (the noniid split
+    gives each shard whole top-level directories).
 
     Cached per process: the trainer may build several tasks over one corpus.
     """
@@ -232,6 +247,8 @@ def load_corpus(entries: tuple[str, ...], pattern: str, max_bytes: int) -> tuple
         else:
             raise DataError(f"task.corpus entry {str(root)!r} is neither a file nor a directory")
     files.sort()
+    if take == "spread":
+        files = _interleave_top_dirs(files)
     out, total = [], 0
     for rel, path in files:
         if total >= max_bytes:
@@ -247,7 +264,15 @@ def load_corpus(entries: tuple[str, ...], pattern: str, max_bytes: int) -> tuple
         raise DataError(
             f"no files matching {pattern!r} with data in task.corpus {list(entries) or str(roots[0])}"
         )
-    return tuple(out)
+    return tuple(sorted(out))
+
+
+def _interleave_top_dirs(files: list[tuple[str, Path]]) -> list[tuple[str, Path]]:
+    groups: dict[str, list[tuple[str, Path]]] = {}
+    for f in files:
+        groups.setdefault(_top_dir(f[0]), []).append(f)
+    columns = [groups[g] for g in sorted(groups)]
+    return [col[i] for i in range(max(map(len, columns), default=0)) for col in columns if i < len(col)]
 
 
 def _stable_unit(text: str) -> float:
@@ -290,7 +315,8 @@ class LMTask(Task):
         self.val_fraction = settings.val_fraction
         self.max_bytes = settings.max_bytes
         self.seq_len = settings.seq_len
-        files = load_corpus(self.entries, self.pattern, self.max_bytes)
+        self.take = settings.take
+        files = load_corpus(self.entries, self.pattern, self.max_bytes, self.take)
         if len(files) < 2:
             raise DataError(f"task.corpus has {len(files)} file(s); lm needs >= 2 (training and validation)")
         held = _held_out(files, self.val_fraction)
@@ -355,6 +381,8 @@ class LMTask(Task):
             raise ConfigError(
                 f"split {split!r} needs at least {num_shards} {what} for {num_shards} shards; "
                 f"the corpus has {len(units)}"
+                + (f" (task.max_bytes = {self.max_bytes} keeps the first files by path: set task.take = "
+                   f'"spread" to keep some of every directory)' if split == "noniid" and self.take == "first" else "")
             )
         owner = balanced_assignment(
             [sum(len(d) for _, d in u) for u in units], [u[0][0] for u in units], num_shards
