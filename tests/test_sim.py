@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "peers" / "lm-tiny.toml"
 
 FAKE_PEER = textwrap.dedent('''
-    import argparse, json, signal, subprocess, sys, time, tomllib
+    import argparse, json, os, signal, subprocess, sys, time, tomllib
     from pathlib import Path
     from p2pcod.config import apply_overrides
 
@@ -49,6 +49,9 @@ FAKE_PEER = textwrap.dedent('''
     stop = []
     signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
     ckpt = run / "checkpoint.ckpt"
+    def save(path, obj):  # atomic, as the real checkpoint writer: a SIGKILL must not leave half a file
+        (path.parent / (path.name + ".tmp")).write_text(json.dumps(obj))
+        os.replace(path.parent / (path.name + ".tmp"), path)
     step, resumed = 0, None
     if args.resume and ckpt.exists():
         step = resumed = json.loads(ckpt.read_text())["step"]
@@ -78,8 +81,8 @@ FAKE_PEER = textwrap.dedent('''
         if step % t["log_every"] == 0 or step == t["steps"]:
             log(step % t["eval_every"] == 0)
         if step % t["checkpoint_every"] == 0:
-            ckpt.write_text(json.dumps({"step": step}))
-    ckpt.write_text(json.dumps({"step": step}))
+            save(ckpt, {"step": step})
+    save(ckpt, {"step": step})
     log(True, final=True)
     end = time.time() + args.linger
     while time.time() < end and not stop:

@@ -70,7 +70,8 @@ FAKE_RANK = textwrap.dedent('''
         if crash == "0":
             print(f"rank {rank}: crashing before the rendezvous", file=sys.stderr, flush=True)
             sys.exit(3)
-        (run / f"rank{rank}.ready").write_text(str(begun))
+        (run / f"rank{rank}.tmp").write_text(str(begun))  # atomically: rank 0 may be reading it right now
+        os.replace(run / f"rank{rank}.tmp", run / f"rank{rank}.ready")
         while not stop:
             step, final = rank0_step()
             if final:
@@ -87,6 +88,9 @@ FAKE_RANK = textwrap.dedent('''
               for r in range(1, world)):
         time.sleep(0.03)
     ckpt = run / "checkpoint.ckpt"
+    def save(path, obj):  # atomic, as the real checkpoint writer: a SIGKILL must not leave half a file
+        (path.parent / (path.name + ".tmp")).write_text(json.dumps(obj))
+        os.replace(path.parent / (path.name + ".tmp"), path)
     step, resumed = 0, None
     if args.resume and ckpt.exists():
         step = resumed = json.loads(ckpt.read_text())["step"]
@@ -114,8 +118,8 @@ FAKE_RANK = textwrap.dedent('''
         if step % t["log_every"] == 0 or step == t["steps"]:
             log(step % t["eval_every"] == 0)
         if step % t["checkpoint_every"] == 0:
-            ckpt.write_text(json.dumps({"step": step}))
-    ckpt.write_text(json.dumps({"step": step}))
+            save(ckpt, {"step": step})
+    save(ckpt, {"step": step})
     log(True, final=True)
     note(exit="sigterm" if stop else "done")
     end = time.time() + args.linger
@@ -264,7 +268,7 @@ def test_group_ranks_start_with_torchrun_env_and_die_together_on_kill(tmp_path, 
     assert kill["peer"] == "grp" and kill["pids"] == starts[0]["pids"] and kill["step"] >= 25
     assert sorted(simulation.pgids) == sorted([next(e["pid"] for e in ev if e["event"] == "start"
                                                     and e["peer"] == "p0")] + starts[0]["pids"] + starts[1]["pids"])
-    assert [e.get("group_size") for e in ev if e["event"] == "joined"] == [1, 2, 2]
+    assert [e.get("group_size") for e in ev if e["event"] == "joined"] == [1, 2, 2], "\n".join(map(str, ev))
     # torchrun's environment: one world of 2 per incarnation, its own MASTER_PORT, threads per rank
     lives = [[n for n in notes(run_dir, "grp") if "world" in n and n["pid"] in e["pids"]] for e in starts]
     for life, e in zip(lives, starts, strict=True):
