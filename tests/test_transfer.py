@@ -66,11 +66,12 @@ def pair(tmp_path_factory) -> Iterator[Pair]:
 class RawPeer:
     """A peer written directly on hivemind's P2P (no p2pcod checks): a misbehaving server or client."""
 
-    def __init__(self, connect_to: Membership) -> None:
+    def __init__(self, *connect_to: Membership) -> None:
         self.loop = LoopThread("raw-peer")
-        self.p2p: P2P = self.loop.run(
-            P2P.create(initial_peers=connect_to.visible_maddrs(), host_maddrs=LOCAL), 30
-        )
+        # connected to every peer it will call: a peer it only knows through the daemon's routing table may not
+        # be found yet ("failed to find any peer in table")
+        initial = [a for m in connect_to for a in m.visible_maddrs()]
+        self.p2p: P2P = self.loop.run(P2P.create(initial_peers=initial, host_maddrs=LOCAL), 30)
         self.peer_id = self.p2p.peer_id.to_base58()
         self.mode = "stall"
         self.payload = b""
@@ -113,7 +114,7 @@ class RawPeer:
 
 @pytest.fixture
 def raw(pair) -> Iterator[RawPeer]:
-    r = RawPeer(pair.b)
+    r = RawPeer(pair.a, pair.b)
     try:
         yield r
     finally:
