@@ -27,10 +27,21 @@ def churn(pred_a: np.ndarray, pred_b: np.ndarray) -> float:
     return float(np.mean(0.5 * np.abs(a - b).sum(axis=-1)))
 
 
+def save_predictions(run_dir: str | Path, predictions: np.ndarray) -> Path:
+    """Write a run's validation predictions atomically (float32), where `churn` looks for them."""
+    path = Path(run_dir) / PREDICTIONS
+    tmp = path.with_name(PREDICTIONS + ".tmp")
+    with tmp.open("wb") as f:
+        np.save(f, np.asarray(predictions, dtype=np.float32), allow_pickle=False)
+    tmp.replace(path)
+    return path
+
+
 def load_predictions(run_dir: str | Path) -> np.ndarray:
     path = Path(run_dir) / PREDICTIONS
     if not path.exists():
-        raise DataError(f"{path} does not exist: is {run_dir} a finished `p2pcod train` run?")
+        raise DataError(f"{path} does not exist: is {run_dir} a finished `p2pcod train` run, or a `p2pcod peer` "
+                        f"run dir (a simulation's RUN_DIR/peers/<name>)?")
     try:
         return np.load(path, allow_pickle=False)
     except (ValueError, OSError) as err:

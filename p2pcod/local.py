@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from p2pcod import checkpoint, codec
+from p2pcod.churn import save_predictions
 from p2pcod.config import Recipe
 from p2pcod.errors import CheckpointError, ConfigError
 from p2pcod.tasks import get_task
@@ -131,7 +132,7 @@ class LocalGroup:
             if self.step % t.checkpoint_every == 0:
                 self.save()
         self.save()
-        np.save(self.run_dir / "predictions.npy", self.deployed_predictions().astype(np.float32))
+        save_predictions(self.run_dir, self.deployed_predictions())
         return self.summary()
 
     def _log(self, evaluate: bool, progress) -> None:

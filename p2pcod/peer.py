@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from p2pcod.churn import save_predictions
 from p2pcod.config import Recipe
 from p2pcod.control import read_control, wait_while_held
 from p2pcod.errors import ConfigError
@@ -227,6 +228,8 @@ def _train_loop(recipe: Recipe, trainer: Trainer, session: Session, opts: PeerOp
     trainer.save()
     record = _log(trainer, session, evaluate=True, progress=progress, extra={"final": True})
     session.publish_now(trainer.step)
+    # the final model's validation predictions: `p2pcod churn` compares two runs of a peer (or of a simulation)
+    save_predictions(opts.run_dir, trainer.predictions())
     deadline = time.monotonic() + opts.linger
     while time.monotonic() < deadline and not opts.stop.is_set():
         opts.stop.wait(min(1.0, max(0.0, deadline - time.monotonic())))

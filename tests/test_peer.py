@@ -11,6 +11,7 @@ import pytest
 from peerproc import FAST, ROOT, PeerProc, wait_for
 
 from p2pcod import checkpoint
+from p2pcod.churn import churn_runs
 from p2pcod.topology import TopologyConfig, neighbours
 
 pytestmark = pytest.mark.slow
@@ -65,6 +66,9 @@ def test_ring_each_peer_learns_from_its_predecessor(tmp_path, swarm_name, procs)
         first = held.index(expected[p.name])
         assert all(h == expected[p.name] for h in held[first:]), held
         assert (p.run_dir / "checkpoint.ckpt").exists()
+    # each peer left its final validation predictions: `p2pcod churn` compares any two peer runs
+    c = churn_runs(peers[0].run_dir, peers[1].run_dir)
+    assert 0.0 < c < 1.0 and churn_runs(peers[0].run_dir, peers[0].run_dir) == 0.0
 
 
 def test_ctrl_c_in_a_terminal_saves_leaves_and_exits_0(tmp_path, swarm_name, procs):
