@@ -24,6 +24,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+import torch
+
 from p2pcod import codec
 from p2pcod.errors import P2pcodError
 from p2pcod.swarm.records import PeerRecord
@@ -65,9 +67,18 @@ class FetchPolicy:
 class Vetted:
     """What the model config of a record builds (on the meta device)."""
 
-    fingerprint: str
+    fingerprints: frozenset[str]  # of the model as built, and held in each float dtype (a bf16 peer)
     nbytes: int  # its weights, as built (fp32 for the tasks' models)
     limits: codec.Limits  # codec.limits_for the model: accepts its checkpoints and little else
+
+
+def _float_variants(state: Mapping[str, torch.Tensor]) -> list[Mapping[str, torch.Tensor]]:
+    """The state dict as built and with its float tensors in each training dtype: a peer may hold the same
+    architecture in bf16 or fp16 (its fingerprint names the dtypes); casting meta tensors costs nothing."""
+    variants: list[Mapping[str, torch.Tensor]] = [state]
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        variants.append({k: t.to(dtype) if t.is_floating_point() else t for k, t in state.items()})
+    return variants
 
 
 VET_CACHE = 32  # model configs whose vetting is remembered (most recently used)
@@ -205,9 +216,9 @@ class Fetcher:
         if v.nbytes > p.max_bytes:
             raise P2pcodError(f"announced model config has {v.nbytes} bytes of weights, over the limit {p.max_bytes} "
                               f"(exchange.max_blob_mb)")
-        if v.fingerprint != record.fingerprint:
+        if record.fingerprint not in v.fingerprints:
             raise P2pcodError(f"announced fingerprint {record.fingerprint[:16]}... does not match the announced model "
-                              f"config, which builds {v.fingerprint[:16]}...")
+                              f"config (names, shapes and dtypes, in any float dtype)")
         return dataclasses.replace(v.limits, max_blob_bytes=min(v.limits.max_blob_bytes, p.max_bytes))
 
     def vet(self, model_cfg: Mapping) -> Vetted | str:
@@ -224,7 +235,7 @@ class Fetcher:
             model = self.teachers.meta_model(model_cfg)
             state = model.state_dict()
             nbytes = sum(t.numel() * t.element_size() for t in state.values())
-            v = Vetted(codec.fingerprint(state), nbytes, codec.limits_for(state))
+            v = Vetted(frozenset(map(codec.fingerprint, _float_variants(state))), nbytes, codec.limits_for(state))
         except P2pcodError as err:
             v = str(err)
         self._vetted[key] = v

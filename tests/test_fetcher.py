@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import time
 
+import pytest
 import torch
 
 from p2pcod import codec
 from p2pcod.distill import DistillConfig
+from p2pcod.errors import P2pcodError
 from p2pcod.fetcher import Fetcher, FetchPolicy
 from p2pcod.session import CODEC_ID
 from p2pcod.swarm.records import PeerRecord
@@ -48,3 +50,23 @@ def test_a_neighbour_of_another_task_is_skipped_with_one_warning(caplog):
     assert f.neighbours == ["same"]
     warnings = [r.getMessage() for r in caplog.records if "other" in r.getMessage()]
     assert warnings == ["skipping peer other: its task is 'ctr', mine is 'lm'"]
+
+
+def test_a_peer_holding_the_announced_model_in_bf16_is_accepted():
+    """The fingerprint names dtypes: a neighbour training the same architecture in bf16 is the same model, while
+    other shapes under the same config are not."""
+    model = build(CFG)
+    f = Fetcher(me="me", task="lm", teachers=TeacherPool(build, DistillConfig(), "multiclass"),
+                members=lambda: [], fetch_blob=None, topology=TopologyConfig("full"), reload_every=5,
+                my_step=lambda: 0, policy=FetchPolicy(max_bytes=1 << 24, timeout=1.0, backoff=0.0))
+
+    def record(fp: str) -> PeerRecord:
+        return PeerRecord(name="n", peer_id="Qm" + "1" * 44, step=5, digest="0" * 64, size=1000, codec=CODEC_ID,
+                          task="lm", model_cfg=CFG, fingerprint=fp, time=time.time())
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        limits = f.limits_for(record(codec.fingerprint(model.to(dtype))))
+        assert limits.max_tensors == 3 and limits.max_tensor_numel == 16 * 8
+    other = build({"width": 12})
+    with pytest.raises(P2pcodError, match="does not match the announced model config"):
+        f.limits_for(record(codec.fingerprint(other)))
