@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -77,14 +78,7 @@ class PeerProc:
         return info if info.get("time", 0) >= self._started_after else None  # not a previous run's
 
     def metrics(self) -> list[dict[str, Any]]:
-        path = self.run_dir / "metrics.jsonl"
-        if not path.exists():
-            return []
-        rows = []
-        for line in path.read_text().splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
-                rows.append(json.loads(line))
-        return rows
+        return read_jsonl(self.run_dir / "metrics.jsonl")
 
     def last(self) -> dict[str, Any]:
         rows = self.metrics()
@@ -132,6 +126,29 @@ class PeerProc:
 
 def _fail(peer: PeerProc):
     raise AssertionError(f"peer {peer.name} exited with {peer.proc.returncode}:\n{peer.stderr()[-3000:]}")
+
+
+def read_jsonl(path: Path, missing_ok: bool = True) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines file a process may be writing, or was killed writing: a cut line is skipped."""
+    if missing_ok and not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            rows.append(json.loads(line))
+    return rows
+
+
+def sim_events(run_dir: Path) -> list[dict[str, Any]]:
+    """A simulation's events.jsonl (written whole lines at a time by the simulator)."""
+    return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+
+
+def write_spec(tmp_path: Path, body: str, name: str = "exp") -> Path:
+    """A simulator spec file from `body`, with RECIPE replaced by the tiny peers' recipe path."""
+    path = tmp_path / f"{name}.toml"
+    path.write_text(textwrap.dedent(body).replace("RECIPE", str(RECIPE)))
+    return path
 
 
 def eventually(cond: Callable[[], Any], timeout: float = 30.0, every: float = 0.3) -> bool:

@@ -7,20 +7,18 @@ at the end, also when the run fails (the simulator stops every group it started;
 
 from __future__ import annotations
 
-import json
 import textwrap
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from peerproc import group_alive, tiny_spec_sets
+from peerproc import RECIPE, group_alive, read_jsonl, tiny_spec_sets
+from peerproc import sim_events as events
 
 from p2pcod import checkpoint, sim
 from p2pcod.simspec import load_spec
 
-ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "peers" / "lm-tiny.toml"
 CHECKPOINT_EVERY = 10
 STEPS = 100_000  # never reached: the test stops the run once everything it checks has happened
 DEADLINE_S = 170  # the run's budget if that never happens (the tests then fail, saying what is missing)
@@ -64,18 +62,9 @@ after_s = 0.5
 """
 
 
-def events(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
-
-
 def rows(run_dir: Path, name: str) -> list[dict]:
-    out = []
-    for line in (run_dir / "peers" / name / "metrics.jsonl").read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:  # a line cut by the SIGKILL
-            continue
-    return out
+    # a line cut by a SIGKILL is skipped
+    return read_jsonl(run_dir / "peers" / name / "metrics.jsonl", missing_ok=False)
 
 
 def _real_peers_available() -> bool:

@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-from peerproc import group_alive
+from peerproc import group_alive, write_spec
+from peerproc import sim_events as events
 
 from p2pcod import sim
 from p2pcod.errors import ConfigError
@@ -24,7 +25,6 @@ from p2pcod.report import load_run
 from p2pcod.simspec import load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "peers" / "lm-tiny.toml"
 
 FAKE_PEER = textwrap.dedent('''
     import argparse, json, os, signal, subprocess, sys, time, tomllib
@@ -98,12 +98,6 @@ def fake_peer(tmp_path: Path) -> list[str]:
     return [sys.executable, str(path)]
 
 
-def write_spec(tmp_path: Path, body: str, name: str = "exp") -> Path:
-    path = tmp_path / f"{name}.toml"
-    path.write_text(textwrap.dedent(body).replace("RECIPE", str(RECIPE)))
-    return path
-
-
 BASIC = """
 [swarm]
 recipe = "RECIPE"
@@ -116,10 +110,6 @@ log_every = 5
 eval_every = 10
 checkpoint_every = 10
 """
-
-
-def events(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
 
 
 def assert_no_processes(simulation: sim.Simulation | None, run_dir: Path) -> None:

@@ -17,15 +17,13 @@ import time
 from pathlib import Path
 
 import pytest
-from peerproc import group_alive, group_members, tiny_spec_sets
+from peerproc import RECIPE, group_alive, group_members, read_jsonl, tiny_spec_sets, write_spec
+from peerproc import sim_events as events
 
 from p2pcod import sim
 from p2pcod.errors import ConfigError, SwarmError
 from p2pcod.report import load_run
 from p2pcod.simspec import load_spec, parse_spec
-
-ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "peers" / "lm-tiny.toml"
 
 FAKE_RANK = textwrap.dedent('''
     import argparse, json, os, signal, subprocess, sys, time, tomllib
@@ -151,16 +149,6 @@ def fake_rank(tmp_path: Path) -> list[str]:
     path = tmp_path / "fake_rank.py"
     path.write_text(FAKE_RANK)
     return [sys.executable, str(path)]
-
-
-def write_spec(tmp_path: Path, body: str, name: str = "exp") -> Path:
-    path = tmp_path / f"{name}.toml"
-    path.write_text(textwrap.dedent(body).replace("RECIPE", str(RECIPE)))
-    return path
-
-
-def events(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
 
 
 def notes(run_dir: Path, name: str) -> list[dict]:
@@ -373,17 +361,6 @@ after_s = 0.5
 """
 
 
-def _rows(path: Path) -> list[dict]:
-    out = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:  # a line cut by the SIGKILL
-                continue
-    return out
-
-
 def _missing(run_dir: Path) -> str | None:
     """What the run has not shown yet (None: everything the test checks has happened)."""
     try:
@@ -393,12 +370,12 @@ def _missing(run_dir: Path) -> str | None:
     back = [e for e in ev if e["event"] == "joined" and e["peer"] == "grp" and e.get("resumed_from") is not None]
     if not back:
         return "the group has not come back from its kill"
-    rows = _rows(run_dir / "peers/grp/metrics.jsonl")
+    rows = read_jsonl(run_dir / "peers/grp/metrics.jsonl")
     resumed = back[0]["resumed_from"]
     after = [r for r in rows if r["step"] > resumed and "p0" in (r.get("staleness") or {})]
     if not rows or rows[-1]["step"] < resumed + 15 or not after:
         return "the group has not trained 15 steps with p0 as a teacher since its restart"
-    if not any("grp" in (r.get("staleness") or {}) for r in _rows(run_dir / "peers/p0/metrics.jsonl")):
+    if not any("grp" in (r.get("staleness") or {}) for r in read_jsonl(run_dir / "peers/p0/metrics.jsonl")):
         return "p0 has not had the group as a teacher"
     return None
 
@@ -453,18 +430,18 @@ def test_real_group_is_killed_restarted_and_distils_from_a_single_peer(tmp_path,
     # resumed from rank 0's last checkpoint: at most checkpoint_every steps lost
     resumed = joins[1]["resumed_from"]
     assert resumed % CHECKPOINT_EVERY == 0 and 0 <= kill["step"] - resumed <= CHECKPOINT_EVERY, (kill, resumed)
-    rows = _rows(run_dir / "peers/grp/metrics.jsonl")
+    rows = read_jsonl(run_dir / "peers/grp/metrics.jsonl")
     first = next(r for r in rows if "resumed_from" in r)
     assert first["step"] == first["resumed_from"] == resumed
     # the group (rank 0, the swarm member) fetched p0's checkpoints and distilled from them
     taught = [r for r in rows if r["step"] > resumed and "p0" in (r.get("staleness") or {})]
     assert taught and taught[-1]["fetch_ok"] >= 1 and taught[-1]["bytes_in"] > 0
     assert any(r.get("distill_loss", 0) > 0 for r in taught)
-    assert any("grp" in (r.get("staleness") or {}) for r in _rows(run_dir / "peers/p0/metrics.jsonl"))
+    assert any("grp" in (r.get("staleness") or {}) for r in read_jsonl(run_dir / "peers/p0/metrics.jsonl"))
     # rank 1 trained in both lives, in step with rank 0 (same weights, same teachers) after the restart
-    rank1 = _rows(run_dir / "peers/grp/ranks/rank1/metrics.jsonl")
+    rank1 = read_jsonl(run_dir / "peers/grp/ranks/rank1/metrics.jsonl")
     assert rank1 and {r["rank"] for r in rank1} == {1} and max(r["step"] for r in rank1) > resumed + 10
-    debug = [{r["step"]: r for r in _rows(run_dir / f"peers/grp/group-debug/rank{k}.jsonl")} for k in (0, 1)]
+    debug = [{r["step"]: r for r in read_jsonl(run_dir / f"peers/grp/group-debug/rank{k}.jsonl")} for k in (0, 1)]
     after = sorted(s for s in set(debug[0]) & set(debug[1]) if s > resumed)
     assert len(after) >= 10
     for s in after:

@@ -11,14 +11,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from peerproc import group_alive, tiny_spec_sets
+from peerproc import RECIPE, group_alive, tiny_spec_sets
 
 from p2pcod import sim
 from p2pcod.errors import ConfigError
 from p2pcod.simspec import load_spec
 
-ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "peers" / "lm-tiny.toml"
 STEPS = 1200
 ATTACKS = ["bomb", "flood", "nan", "records", "impersonate"]
 
