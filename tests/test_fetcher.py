@@ -25,6 +25,13 @@ def build(cfg):
     return torch.nn.Sequential(torch.nn.Embedding(16, cfg["width"]), torch.nn.Linear(cfg["width"], 16))
 
 
+def fetcher(members, fetch_blob) -> Fetcher:
+    """A fetcher of task lm with a full topology, no backoff, and no network but `fetch_blob`."""
+    return Fetcher(me="me", task="lm", teachers=TeacherPool(build, DistillConfig(), "multiclass"),
+                   members=members, fetch_blob=fetch_blob, topology=TopologyConfig("full"), reload_every=5,
+                   my_step=lambda: 0, policy=FetchPolicy(max_bytes=1 << 24, timeout=1.0, backoff=0.0))
+
+
 def test_a_neighbour_of_another_task_is_skipped_with_one_warning(caplog):
     model = build(CFG)
     blob, fp = codec.encode(model.state_dict(), {}), codec.fingerprint(model)
@@ -40,9 +47,7 @@ def test_a_neighbour_of_another_task_is_skipped_with_one_warning(caplog):
         calls.append(peer_id)
         return blob
 
-    f = Fetcher(me="me", task="lm", teachers=TeacherPool(build, DistillConfig(), "multiclass"),
-                members=lambda: records, fetch_blob=fetch_blob, topology=TopologyConfig("full"), reload_every=5,
-                my_step=lambda: 0, policy=FetchPolicy(max_bytes=1 << 24, timeout=1.0, backoff=0.0))
+    f = fetcher(lambda: records, fetch_blob)
     with caplog.at_level(logging.WARNING, logger="p2pcod.fetcher"):
         f.run_once()
         f.run_once()
@@ -56,9 +61,7 @@ def test_a_peer_holding_the_announced_model_in_bf16_is_accepted():
     """The fingerprint names dtypes: a neighbour training the same architecture in bf16 is the same model, while
     other shapes under the same config are not."""
     model = build(CFG)
-    f = Fetcher(me="me", task="lm", teachers=TeacherPool(build, DistillConfig(), "multiclass"),
-                members=lambda: [], fetch_blob=None, topology=TopologyConfig("full"), reload_every=5,
-                my_step=lambda: 0, policy=FetchPolicy(max_bytes=1 << 24, timeout=1.0, backoff=0.0))
+    f = fetcher(lambda: [], None)
 
     def record(fp: str) -> PeerRecord:
         return PeerRecord(name="n", peer_id="Qm" + "1" * 44, step=5, digest="0" * 64, size=1000, codec=CODEC_ID,

@@ -12,7 +12,7 @@ import functools
 import hashlib
 import os
 import sysconfig
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -268,10 +268,7 @@ def load_corpus(entries: tuple[str, ...], pattern: str, max_bytes: int, take: st
 
 
 def _interleave_top_dirs(files: list[tuple[str, Path]]) -> list[tuple[str, Path]]:
-    groups: dict[str, list[tuple[str, Path]]] = {}
-    for f in files:
-        groups.setdefault(_top_dir(f[0]), []).append(f)
-    columns = [groups[g] for g in sorted(groups)]
+    columns = _by_top_dir(files)
     return [col[i] for i in range(max(map(len, columns), default=0)) for col in columns if i < len(col)]
 
 
@@ -298,6 +295,14 @@ def _held_out(files: tuple[tuple[str, bytes], ...], fraction: float) -> list[boo
 def _top_dir(rel: str) -> str:
     parts = rel.split("/")
     return parts[0] if len(parts) > 1 else "."
+
+
+def _by_top_dir(files: Sequence[tuple[str, Any]]) -> list[list[tuple[str, Any]]]:
+    """Files (relative path first) grouped by top-level directory, groups in name order, files in given order."""
+    groups: dict[str, list[tuple[str, Any]]] = {}
+    for f in files:
+        groups.setdefault(_top_dir(f[0]), []).append(f)
+    return [groups[g] for g in sorted(groups)]
 
 
 # ---- the task -------------------------------------------------------------------------------------
@@ -369,13 +374,8 @@ class LMTask(Task):
         files = self.train_files
         if split == "same":
             return [files] * num_shards
-        if split == "disjoint":
-            units = [[f] for f in files]
-        else:  # noniid: whole top-level directories, so shards see different kinds of text
-            groups: dict[str, list[tuple[str, bytes]]] = {}
-            for f in files:
-                groups.setdefault(_top_dir(f[0]), []).append(f)
-            units = [groups[g] for g in sorted(groups)]
+        # disjoint: single files; noniid: whole top-level directories, so shards see different kinds of text
+        units = [[f] for f in files] if split == "disjoint" else _by_top_dir(files)
         if len(units) < num_shards:
             what = "training files" if split == "disjoint" else "top-level directories"
             raise ConfigError(
