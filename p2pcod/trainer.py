@@ -285,6 +285,7 @@ class Trainer:
 
     def close(self) -> None:
         self.metrics.close()
+        self.train_model = self.model  # release a DistributedDataParallel wrapper before its group closes
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:

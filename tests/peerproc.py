@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from p2pcod.trainer import read_metrics
+
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "peers" / "lm-tiny.toml"
 # A very small model and corpus so that several peers share 2 cores; long step budgets: tests stop
@@ -130,13 +132,7 @@ def _fail(peer: PeerProc):
 
 def read_jsonl(path: Path, missing_ok: bool = True) -> list[dict[str, Any]]:
     """The rows of a JSON-lines file a process may be writing, or was killed writing: a cut line is skipped."""
-    if missing_ok and not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            rows.append(json.loads(line))
-    return rows
+    return [] if missing_ok and not path.exists() else read_metrics(path)
 
 
 def sim_events(run_dir: Path) -> list[dict[str, Any]]:
