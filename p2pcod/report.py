@@ -4,7 +4,7 @@ Reads a simulator run (RUN_DIR/peers/<name>/metrics.jsonl + events.jsonl), an in
 train` run (RUN_DIR/m<i>/metrics.jsonl) or a single peer's run dir (RUN_DIR/metrics.jsonl), and writes
 into RUN_DIR: loss.png (validation loss against step and wall time, the baseline's peers dashed),
 bytes.png (bytes received / sent over time), staleness.png (teachers held and their staleness) and
-summary.md (steps to a target loss, final losses, bytes per step against a ring all-reduce of fp32
+summary.md (steps and wall time to a target loss, final losses, bytes per step against a ring all-reduce of fp32
 gradients, the faults and how each peer rode them out).
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from bisect import bisect_right
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,11 @@ class PeerRun:
             if "val_loss" in row and _finite(row["val_loss"]):
                 last[int(row["step"])] = float(row["val_loss"])
         return sorted(last.items())
+
+    def val_times(self) -> list[tuple[float, float]]:
+        """(wall time, val loss) of every evaluation in time order (a tie keeps row order: the later row wins)."""
+        return sorted(((w, float(r["val_loss"])) for r, w in zip(self.rows, self.wall, strict=True)
+                       if _finite(r.get("val_loss"))), key=lambda p: p[0])
 
     @property
     def final_step(self) -> int:
@@ -98,6 +104,19 @@ class RunData:
         common = set.intersection(*(set(c) for c in curves))
         return [(s, sum(c[s] for c in curves) / len(curves)) for s in sorted(common)]
 
+    def mean_time_curve(self) -> list[tuple[float, float]]:
+        """Mean val loss over peers against wall time, at every peer's evaluation once all have evaluated.
+
+        Each peer counts with its latest loss by then (held, not interpolated: a loss is known only once
+        evaluated; a peer that stopped keeps its last), so peers evaluating at different times compare fairly.
+        """
+        curves = [p.val_times() for p in self.peers.values() if p.val_times()]
+        if not curves:
+            return []
+        start = max(c[0][0] for c in curves)
+        times = sorted({t for c in curves for t, _ in c if t >= start})
+        return [(t, sum(_held(c, t) for c in curves) / len(curves)) for t in times]
+
 
 # ---- loading ----------------------------------------------------------------------------------------
 def load_run(run_dir: str | Path) -> RunData:
@@ -154,6 +173,22 @@ def _wall_times(peer: PeerRun, events: list[dict[str, Any]]) -> list[float]:
 def steps_to_target(curve: list[tuple[int, float]], target: float) -> int | None:
     """The first evaluated step whose validation loss is at or below `target` (None: never)."""
     return next((s for s, v in curve if v <= target), None)
+
+
+def time_to_target(points: list[tuple[float, float]], target: float) -> float | None:
+    """Seconds of the first evaluation (wall time, val loss) at or below `target` (None: never)."""
+    return next((t for t, v in sorted(points, key=lambda p: p[0]) if v <= target), None)
+
+
+def equal_time_losses(run: RunData, base: RunData) -> tuple[float, float, float] | None:
+    """(T, run's mean val, baseline's mean val) at T = the earlier of the two runs' last evaluations, the
+    latest time both are known: a longer run would otherwise look better only for having trained longer."""
+    mine, theirs = run.mean_time_curve(), base.mean_time_curve()
+    if not mine or not theirs:
+        return None
+    t = min(mine[-1][0], theirs[-1][0])
+    a, b = _held(mine, t), _held(theirs, t)
+    return None if a is None or b is None else (t, a, b)
 
 
 def allreduce_bytes_per_step(params: int, n: int) -> float:
@@ -263,6 +298,12 @@ def _others(run: RunData, name: str, t0: float, t1: float | None) -> str:
         f"{n} step {a}->{b}" for n, a, b in moves)
 
 
+def _held(points: list[tuple[float, float]], t: float) -> float | None:
+    """The value of the last (time, value) point at or before t, points in time order (None: none yet)."""
+    i = bisect_right(points, t, key=lambda p: p[0])
+    return points[i - 1][1] if i else None
+
+
 def _at(peer: PeerRun, t: float, key: str, default: Any) -> Any:
     """The value of `key` in the peer's last row written at or before wall time t."""
     value = default
@@ -343,22 +384,50 @@ def adversary_section(run: RunData) -> list[str]:
 
 
 def _target_section(run: RunData, base: RunData | None, target: float | None, why: str) -> list[str]:
-    out = ["## Steps to the target loss", ""]
+    out = ["## Steps and time to the target loss", ""]
     if target is None:
         return out + ["No validation loss was recorded.", ""]
-    out += [f"Target validation loss **{target:.4f}** ({why}); the first evaluated step at or below it:", "",
-            "| peer | steps (this run) | steps (baseline) |", "|---|---|---|"]
+    out += [f"Target validation loss **{target:.4f}** ({why}); the first evaluated step at or below it and the "
+            "seconds since the run started (the mean row: the peers' mean loss, by wall time each peer's latest):",
+            "", "| peer | steps (this run) | time s (this run) | steps (baseline) | time s (baseline) |",
+            "|---|---|---|---|---|"]
     base_peers = _matched(run, base)
     for name, p in run.peers.items():
         b = base_peers.get(name)
-        out.append(f"| {name} | {_fmt_steps(steps_to_target(p.val_curve(), target))} | "
-                   f"{_fmt_steps(steps_to_target(b.val_curve(), target)) if b else '-'} |")
-    mine = steps_to_target(run.mean_curve(), target)
-    theirs = steps_to_target(base.mean_curve(), target) if base else None
-    out.append(f"| **mean of peers** | {_fmt_steps(mine)} | {_fmt_steps(theirs) if base else '-'} |")
-    if mine and theirs:
-        out += ["", f"Speed-up in steps: {theirs / mine:.2f}x."]
+        out.append(f"| {name} | {_reach(p.val_curve(), p.val_times(), target)} | "
+                   f"{_reach(b.val_curve(), b.val_times(), target) if b else '- | -'} |")
+    mine, theirs = _mean_reach(run, target), _mean_reach(base, target) if base else (None, None)
+    out.append(f"| **mean of peers** | {_fmt_steps(mine[0])} | {_fmt_secs(mine[1])} | "
+               + (f"{_fmt_steps(theirs[0])} | {_fmt_secs(theirs[1])} |" if base else "- | - |"))
+    for what, a, b in (("steps", mine[0], theirs[0]), ("wall-clock time", mine[1], theirs[1])):
+        if a and b:
+            out += ["", f"Speed-up in {what}: {b / a:.2f}x."]
+    if base is not None:
+        out += ["", _equal_time_line(run, base)]
     return out + [""]
+
+
+def _equal_time_line(run: RunData, base: RunData) -> str:
+    """Whether this run's peers were ahead of the baseline's at the same wall time, with the rule used."""
+    cmp = equal_time_losses(run, base)
+    if cmp is None:
+        return "No equal-time comparison: a run has no validation loss on its wall clock."
+    t, mine, theirs = cmp
+    diff = round(mine - theirs, 4)
+    verdict = "level" if diff == 0 else f"{'ahead' if diff < 0 else 'behind'} by {abs(diff):.4f}"
+    return (f"At equal wall-clock time ({t:.1f} s, the shorter run's last evaluation; each peer's latest validation "
+            f"loss by then, averaged over peers), this run's peers averaged val {mine:.4f} against {theirs:.4f} "
+            f"for the baseline: {verdict}.")
+
+
+def _mean_reach(run: RunData, target: float) -> tuple[int | None, float | None]:
+    """Steps and seconds to the target of the peers' mean curves (by step, by wall time)."""
+    return steps_to_target(run.mean_curve(), target), time_to_target(run.mean_time_curve(), target)
+
+
+def _reach(curve: list[tuple[int, float]], times: list[tuple[float, float]], target: float) -> str:
+    """One peer's "steps | time s" cells."""
+    return f"{_fmt_steps(steps_to_target(curve, target))} | {_fmt_secs(time_to_target(times, target))}"
 
 
 def _peer_section(run: RunData, base: RunData | None, n: int, params: int | None) -> list[str]:
@@ -413,6 +482,10 @@ def _fmt_rate(v: float | None) -> str:
 
 def _fmt_steps(s: int | None) -> str:
     return "not reached" if s is None else str(s)
+
+
+def _fmt_secs(t: float | None) -> str:
+    return "not reached" if t is None else f"{t:.1f}"
 
 
 def _finite(v: Any) -> bool:

@@ -9,10 +9,16 @@ import pytest
 
 from p2pcod.errors import DataError
 from p2pcod.report import (
+    PeerRun,
+    RunData,
     allreduce_bytes_per_step,
+    choose_target,
+    equal_time_losses,
     load_run,
     peer_table,
     steps_to_target,
+    summary_markdown,
+    time_to_target,
     write_report,
 )
 
@@ -76,6 +82,32 @@ def test_steps_to_target_on_known_curves():
     assert allreduce_bytes_per_step(1000, 4) == pytest.approx(2 * 3 / 4 * 4 * 1000)
 
 
+def timed_run(name: str, **peers: list[tuple[float, float]]) -> RunData:
+    """A run whose peers evaluated at the given (wall time, val loss) points, a train-only row between each."""
+    runs = {}
+    for peer, points in peers.items():
+        rows = [r for i, (_, v) in enumerate(points) for r in ({"step": 10 * i, "val_loss": v}, {"step": 10 * i + 5})]
+        wall = [x for w, _ in points for x in (w, w + 1.0)]
+        runs[peer] = PeerRun(peer, rows, wall=wall)
+    return RunData(Path(name), runs)
+
+
+def test_time_to_target_and_the_mean_curve_over_wall_time():
+    assert time_to_target([(20.0, 1.0), (0.0, 3.0), (10.0, 2.0)], 2.0) == 10.0  # at or below, in time order
+    assert time_to_target([(0.0, 3.0), (10.0, 2.0)], 1.5) is None
+    # x evaluates at 0, 10, 20 s; y at 5, 15 s: from 5 s (both evaluated) each counts with its latest loss
+    run = timed_run("run", x=[(0.0, 3.0), (10.0, 2.0), (20.0, 1.0)], y=[(5.0, 4.0), (15.0, 2.0)], z=[])
+    assert run.peers["x"].val_times() == [(0.0, 3.0), (10.0, 2.0), (20.0, 1.0)]
+    assert run.mean_time_curve() == [(5.0, 3.5), (10.0, 3.0), (15.0, 2.0), (20.0, 1.5)]  # exact in binary
+    assert time_to_target(run.mean_time_curve(), 2.5) == 15.0
+    assert time_to_target(run.peers["y"].val_times(), 2.5) == 15.0
+    # equal time: T = 20 s, the earlier last evaluation; the baseline's latest by then is 2.5 (at 8 s), not 1.0
+    base = timed_run("base", w=[(0.0, 3.0), (8.0, 2.5), (30.0, 1.0)])
+    assert equal_time_losses(run, base) == pytest.approx((20.0, 1.5, 2.5))
+    assert equal_time_losses(base, run) == pytest.approx((20.0, 2.5, 1.5))
+    assert equal_time_losses(run, timed_run("empty", w=[])) is None
+
+
 def test_restarts_are_stitched(tmp_path):
     run = load_run(make_sim_run(tmp_path))
     b = run.peers["b"]
@@ -108,9 +140,16 @@ def test_report_against_a_baseline(tmp_path):
         assert (run_dir / png).stat().st_size > 20_000
     # target = the baseline's best mean validation loss, 2.2; a reaches it at 30, b at 40, the mean at 30
     assert "Target validation loss **2.2000** (the best mean validation loss of the baseline base)" in summary
-    assert "| a | 30 | 50 |" in summary and "| b | 40 | 50 |" in summary
-    assert "| **mean of peers** | 30 | 50 |" in summary
+    # on the wall clock a (origin 1 s) reaches it at 16 s; b at its step 40, 37 s (its restart cost it 11 s);
+    # the mean at 16 s (a 2.0, b 2.4); the baseline's peers (no events: their own clock) all at 25 s
+    assert "| a | 30 | 16.0 | 50 | 25.0 |" in summary and "| b | 40 | 37.0 | 50 | 25.0 |" in summary
+    assert "| **mean of peers** | 30 | 16.0 | 50 | 25.0 |" in summary
     assert "Speed-up in steps: 1.67x." in summary
+    assert "Speed-up in wall-clock time: 1.56x." in summary
+    # at 25 s, the baseline's end: a's latest is 1.8 (21 s) and b's 2.4 (16 s; its restarted process logs at 27 s)
+    assert ("At equal wall-clock time (25.0 s, the shorter run's last evaluation; each peer's latest validation "
+            "loss by then, averaged over peers), this run's peers averaged val 2.1000 against 2.2000 for the "
+            "baseline: ahead by 0.1000.") in summary
     assert "| a | 50 | 2.0 | 2.0 | 1.7000 | 1.7000 | 2.2000 | -22.7% | 0.05 | 0.03 | 1.00 | 4.00x |" in summary
     # b: 60 steps in 30 s of its two processes (the restart gap and the repeated steps 20-30 excluded)
     assert ("| b (group of 2) | 50 | 2.0 | 2.0 | 1.9000 | 1.9000 | 2.2000 | -13.6% | 0.06 | 0.00 | 1.20 | 3.33x |"
@@ -120,6 +159,23 @@ def test_report_against_a_baseline(tmp_path):
             "step 20 from its checkpoint, lost 10 steps, finished at step 50") in summary
     assert "During the 7 s outage the other peers kept training: a step 30->50" in summary
     assert "**a** cut off for 6 s at step 10: it kept training (step 0 -> 20)" in summary
+
+
+def test_a_run_behind_its_baseline_and_targets_not_reached(tmp_path):
+    # the roles swapped: the baseline's peers are this run, the codistilled run the baseline
+    run, base = load_run(make_baseline(tmp_path)), load_run(make_sim_run(tmp_path))
+    target, why = choose_target(run, base, None)
+    assert target == pytest.approx(1.8)  # the codistilled mean at step 50 (and at 42 s): never reached here
+    summary = summary_markdown(run, base, target, why)
+    assert "## Steps and time to the target loss" in summary
+    assert "| a | not reached | not reached | 50 | 26.0 |" in summary
+    assert "| b | not reached | not reached | not reached | not reached |" in summary
+    assert "| **mean of peers** | not reached | not reached | 50 | 42.0 |" in summary
+    assert "Speed-up" not in summary
+    assert "this run's peers averaged val 2.2000 against 2.1000 for the baseline: behind by 0.1000." in summary
+    summary = summary_markdown(run, timed_run("silent", a=[]), 2.5, "given")
+    assert "No equal-time comparison: a run has no validation loss on its wall clock." in summary
+    assert "| **mean of peers** | 40 | 20.0 | not reached | not reached |" in summary
 
 
 def test_a_simulations_own_comparison_run_is_the_default_baseline(tmp_path):
@@ -133,8 +189,9 @@ def test_a_simulations_own_comparison_run_is_the_default_baseline(tmp_path):
 def test_report_without_baseline_states_its_target(tmp_path):
     summary = write_report(make_sim_run(tmp_path, with_faults=False)).read_text()
     assert "Target validation loss **1.9000** (no baseline: the loosest level every peer reached" in summary
-    assert "| a | 40 | - |" in summary and "| b | 50 | - |" in summary
+    assert "| a | 40 | 21.0 | - | - |" in summary
     assert "None scheduled" in summary
+    assert "Speed-up" not in summary and "equal wall-clock" not in summary
     assert "change |" not in summary  # no baseline column
 
 
@@ -149,7 +206,7 @@ def test_report_reads_train_and_peer_run_dirs(tmp_path):
     single = tmp_path / "alice"
     write_jsonl(single / "metrics.jsonl", plain_rows(VAL_A))
     assert list(load_run(single).peers) == ["alice"]
-    assert "| alice | 20 | - |" in write_report(single, target=2.5).read_text()
+    assert "| alice | 20 | 10.0 | - | - |" in write_report(single, target=2.5).read_text()
 
 
 def test_report_refuses_a_directory_without_metrics(tmp_path):
