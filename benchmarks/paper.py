@@ -2,6 +2,7 @@
 
     python benchmarks/paper.py all --jobs 2          # every experiment, then docs/RESULTS.md figures
     python benchmarks/paper.py steps|split|reload|churn|int8 [--steps N] [--jobs J]
+    python benchmarks/paper.py cost [--seeds 0 1 2]        # cheap distillation defaults vs the exact mean
 
 Each experiment runs `p2pcod train` jobs (in parallel, one torch thread each) into
 runs/paper/<experiment>/<run>, then prints a markdown table and writes a PNG into docs/.
@@ -197,7 +198,50 @@ def exp_int8(args) -> str:
                       f"Difference of means (int8 - fp32): {diff:+.4f}; seed spread (max range): {noise:.4f}."])
 
 
-EXPERIMENTS = {"steps": exp_steps, "split": exp_split, "reload": exp_reload, "churn": exp_churn, "int8": exp_int8}
+EXACT = ["distill.teachers_per_step=0", "distill.batch_fraction=1.0", 'distill.teacher_precision="fp32"']
+COST_SETTINGS = {  # name -> (models, overrides): the settings of issue 12's quality check
+    "ring-4": (4, ['exchange.topology="ring"', "train.steps=300"]),
+    "full-4": (4, ['exchange.topology="full"', "train.steps=300"]),
+    "data-limited-2": (2, ["task.max_bytes=1000000", "distill.burn_in=100", "train.steps=800"]),
+}
+
+
+def exp_cost(args) -> str:
+    """The cheap distillation defaults (k teachers per step, part of the batch, bf16 teachers) against the exact
+    full mean, at equal steps: mean final / best validation loss of the models, per seed."""
+    d = RUNS / "cost"
+    seeds = args.seeds
+    jobs = [(d / f"{name}-{variant}-s{seed}", "lm-tiny.toml", models, sets + [f"train.seed={seed}"]
+             + (EXACT if variant == "exact" else []))
+            for name, (models, sets) in COST_SETTINGS.items() for variant in ("exact", "defaults") for seed in seeds]
+    run_all(jobs, args.jobs)
+    rows = ["| setting | distillation | final val per seed (mean of the models) | mean ± half range | best val mean |"
+            " wall s (mean) |", "|---|---|---|---|---|---|"]
+    summary = []
+    for name in COST_SETTINGS:
+        means = {}
+        for variant in ("exact", "defaults"):
+            finals, bests, walls = [], [], []
+            for seed in seeds:
+                run = d / f"{name}-{variant}-s{seed}"
+                models = sorted(p for p in run.iterdir() if p.is_dir())
+                per = [curve(m) for m in models]
+                finals.append(float(np.mean([c[1][-1] for c in per])))
+                bests.append(float(np.mean([c[1].min() for c in per])))
+                walls.append(read_metrics(run / "metrics.jsonl")[-1]["time"])
+            mean, half = mean_and_half_range(finals)
+            means[variant] = (mean, half)
+            rows.append(f"| {name} | {variant} | {', '.join(f'{v:.4f}' for v in finals)} | {mean:.4f} ± {half:.4f} | "
+                        f"{np.mean(bests):.4f} | {np.mean(walls):.0f} |")
+        diff = means["defaults"][0] - means["exact"][0]
+        spread = max(means["defaults"][1], means["exact"][1])
+        summary.append(f"- {name}: defaults - exact = {diff:+.4f} nats (half range of the seeds: {spread:.4f}; "
+                       f"{'within' if abs(diff) <= spread else 'outside'} the seed spread)")
+    return "\n".join([f"lm-tiny, seeds {seeds}; exact: {' '.join(EXACT)}.", "", *rows, "", *summary])
+
+
+EXPERIMENTS = {"steps": exp_steps, "split": exp_split, "reload": exp_reload, "churn": exp_churn, "int8": exp_int8,
+               "cost": exp_cost}
 
 
 def main() -> None:
@@ -207,6 +251,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--pairs", type=int, default=3, help="retrain pairs (churn) / seeds (int8)")
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the cost experiment")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="recipe override for every run of the experiment (repeatable)")
     ap.add_argument("--tag", default="", help="suffix for the runs/ and docs/ names (e.g. a longer horizon)")

@@ -26,13 +26,16 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from p2pcod.errors import ConfigError, P2pcodError
 
 PSIS = ("ce", "kl", "mse")
+PRECISIONS = ("auto", "fp32", "bf16", "int8")
 AGGREGATES = ("mean", "median", "trimmed")
 TARGETS = ("teachers", "uniform", "unigram")
 KINDS = ("multiclass", "binary")
@@ -56,16 +59,33 @@ class DistillConfig:
     aggregate: str = "mean"  # mean | median | trimmed, per example and class across teachers
     trim: float = 0.25  # fraction cut from EACH end for "trimmed"
     target: str = "teachers"  # teachers | uniform | unigram (label-smoothing baselines)
+    # What a step with teachers costs (see docs/RESULTS.md, "What a teacher costs"). The paper's exact algorithm,
+    # every teacher on every example in fp32, is teachers_per_step = 0, batch_fraction = 1, teacher_precision = "fp32".
+    teachers_per_step: int = 1  # teachers run per step, drawn uniformly per step; 0 = all held (the exact mean)
+    batch_fraction: float = 0.25  # ψ on the first ceil(f * B) examples of each batch: teachers run on those only
+    teacher_precision: str = "auto"  # fp32 | bf16 | int8 | auto (bf16 where the device computes it natively)
+    prefetch: bool = False  # compute the next batch's teacher target while the student runs its backward pass
 
     def __post_init__(self) -> None:
         _check_choice("psi", self.psi, PSIS)
+        _check_choice("teacher_precision", self.teacher_precision, PRECISIONS)
         _check_choice("aggregate", self.aggregate, AGGREGATES)
         _check_choice("target", self.target, TARGETS)
         _check_number("alpha", self.alpha, lambda v: v >= 0, ">= 0")
         _check_number("temperature", self.temperature, lambda v: v > 0, "> 0")
         _check_number("trim", self.trim, lambda v: 0 <= v < 0.5, "in [0, 0.5)")
-        if isinstance(self.burn_in, bool) or not isinstance(self.burn_in, int) or self.burn_in < 0:
-            raise ConfigError(f"distill.burn_in must be an integer >= 0, got {self.burn_in!r}")
+        _check_number("batch_fraction", self.batch_fraction, lambda v: 0 < v <= 1, "in (0, 1]")
+        for key in ("burn_in", "teachers_per_step"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"distill.{key} must be an integer >= 0, got {value!r}")
+        if not isinstance(self.prefetch, bool):
+            raise ConfigError(f"distill.prefetch must be true or false, got {self.prefetch!r}")
+
+    @property
+    def exact(self) -> bool:
+        """Every teacher on every example in fp32: the paper's algorithm, the ablation of the cheap defaults."""
+        return self.teachers_per_step == 0 and self.batch_fraction == 1.0 and self.teacher_precision == "fp32"
 
     @classmethod
     def from_dict(cls, d: Mapping) -> DistillConfig:
@@ -131,6 +151,8 @@ def aggregate(teacher_logits: Sequence[torch.Tensor], cfg: DistillConfig, kind: 
         raise ShapeError("multiclass logits need a class dimension, got a scalar")
     with torch.no_grad():
         values = (_to_target(t.detach().float(), cfg, kind) for t in teacher_logits)
+        if len(teacher_logits) == 1:  # one teacher per step is the default: no division (a copy of mse's logits)
+            return next(values).clone() if cfg.psi == "mse" else next(values)
         if cfg.aggregate == "mean" or len(teacher_logits) <= 2:
             # running sum: one teacher's worth of memory, not K (LM logits are large)
             total = next(values).clone()
@@ -147,9 +169,8 @@ def _to_target(logits: torch.Tensor, cfg: DistillConfig, kind: str) -> torch.Ten
     """One teacher's logits -> what is aggregated: logits (mse) or probabilities at temperature T."""
     if cfg.psi == "mse":
         return logits
-    if kind == "binary":
-        return torch.sigmoid(logits / cfg.temperature)
-    return torch.softmax(logits / cfg.temperature, dim=-1)
+    z = logits if cfg.temperature == 1 else logits / cfg.temperature
+    return torch.sigmoid(z) if kind == "binary" else torch.softmax(z, dim=-1)
 
 
 def smoothing_target(
@@ -233,17 +254,17 @@ def psi(student_logits: torch.Tensor, target: torch.Tensor, cfg: DistillConfig, 
         sq = (s - t).pow(2)
         return (sq.sum(dim=-1) if kind == "multiclass" else sq).mean()
     temp = cfg.temperature
-    z = s / temp
+    z = s if temp == 1 else s / temp
     if kind == "binary":
         per = F.binary_cross_entropy_with_logits(z, t, reduction="none")
         if cfg.psi == "kl":  # KL = BCE - H(target)
             per = per + torch.xlogy(t, t) + torch.xlogy(1 - t, 1 - t)
-        return per.mean() * (temp * temp)
+        return per.mean() if temp == 1 else per.mean() * (temp * temp)
     logq = F.log_softmax(z, dim=-1)
     per = -(t * logq).sum(dim=-1)
     if cfg.psi == "kl":  # KL(t || q) = Σ t log t - Σ t log q; 0·log 0 = 0
         per = per + torch.xlogy(t, t).sum(dim=-1)
-    return per.mean() * (temp * temp)
+    return per.mean() if temp == 1 else per.mean() * (temp * temp)
 
 
 def weight(step: int, cfg: DistillConfig) -> float:
@@ -263,3 +284,36 @@ def loss(
     if target is None or w == 0.0:
         return torch.zeros((), dtype=torch.float32, device=student_logits.device)
     return w * psi(student_logits, target, cfg, kind)
+
+
+# ---------------------------------------------------------------------------------------------- cost bounds
+
+
+def rows(batch_size: int, cfg: DistillConfig) -> int:
+    """How many examples of a batch of `batch_size` the teachers run on and ψ averages over: ceil(f * B)."""
+    return max(1, min(batch_size, math.ceil(cfg.batch_fraction * batch_size - 1e-9)))
+
+
+def draw_teachers(names: Sequence[str], cfg: DistillConfig, seed: int, step: int) -> list[str]:
+    """The teachers this step runs: `teachers_per_step` of `names` drawn uniformly without replacement.
+
+    The draw depends only on (seed, step), so a resumed run continues the same draws. For ψ = ce and kl the
+    loss is linear in the target, and for mse the gradient is, so the mean over a uniform draw has the
+    expected loss gradient of the full mean (tests/test_distill.py checks it). Median and trimmed means are
+    not linear: they always use every teacher held (a draw of one would drop the robustness they exist for).
+    """
+    k = cfg.teachers_per_step
+    if k == 0 or k >= len(names) or cfg.aggregate != "mean":
+        return list(names)
+    rng = np.random.default_rng([seed & 0xFFFFFFFF, step, 0x7EAC4E])
+    picked = rng.choice(len(names), size=k, replace=False)
+    return [names[i] for i in sorted(picked)]
+
+
+def take_rows(x: Any, n: int) -> Any:
+    """The first n examples of a model input: a tensor, or a tuple / list of tensors (batch on dim 0)."""
+    if isinstance(x, torch.Tensor):
+        return x[:n]
+    if isinstance(x, tuple | list):
+        return type(x)(take_rows(v, n) for v in x)
+    raise ShapeError(f"cannot take examples of a model input of type {type(x).__name__}")

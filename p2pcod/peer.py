@@ -116,19 +116,18 @@ def run_peer(
     trainer: Trainer | None = None
     try:
         group.init()
-        task, trainer, resumed_from = _build_trainer(recipe, opts, group)
+        task = _task(recipe)
+        swarm_pool = _teacher_pool(recipe, task, torch.device("cpu"))  # what the session's fetcher fills
+        # a group (or a GPU) trains with its own pool that changes only at step boundaries, the same on every rank
+        separate = group.distributed or group.device.type != "cpu"
+        train_pool = _teacher_pool(recipe, task, group.device) if separate else swarm_pool
+        trainer, resumed_from = _build_trainer(recipe, opts, group, task, train_pool)
         session = Session(
             membership=membership, name=opts.name, model=trainer.model, model_cfg=recipe.model,
             task=task.name, build_model=task.build_model, kind=task.kind, distill_cfg=recipe.distill,
-            exchange=recipe.exchange, start_step=trainer.step,
+            exchange=recipe.exchange, start_step=trainer.step, teachers=swarm_pool,
         )
-        sync = None
-        if group.distributed or group.device.type != "cpu":
-            # train with a pool that changes only at step boundaries, the same on every rank
-            trainer.teachers = _training_pool(recipe, task, group)
-            sync = TeacherSync(group, trainer.teachers, source=session.teachers)
-        else:
-            trainer.teachers = session.teachers
+        sync = TeacherSync(group, train_pool, source=swarm_pool) if separate else None
         session.start()
         if trainer.step > 0:
             session.publish_now(trainer.step)  # serve the resumed weights right away
@@ -149,14 +148,17 @@ def run_peer(
         group.close()
 
 
-def _build_trainer(recipe: Recipe, opts: PeerOptions, group: Group):
-    """The task and this rank's Trainer (its slice of the peer's shard), resumed if asked, wrapped for the group."""
+def _task(recipe: Recipe):
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
-    task = get_task(recipe.task)
+    return get_task(recipe.task)
+
+
+def _build_trainer(recipe: Recipe, opts: PeerOptions, group: Group, task, teachers: TeacherPool):
+    """This rank's Trainer (its slice of the peer's shard), resumed if asked, wrapped for the group."""
     shard, num_shards = group.data_shard(opts.shard, opts.num_shards)
     metrics = None if group.is_root else opts.run_dir / "ranks" / f"rank{group.rank}" / "metrics.jsonl"
-    trainer = Trainer(recipe, task, shard=shard, num_shards=num_shards, run_dir=opts.run_dir,
+    trainer = Trainer(recipe, task, shard=shard, num_shards=num_shards, run_dir=opts.run_dir, teachers=teachers,
                       seed=group.data_seed(seed_for(recipe, opts.shard)), device=group.device, metrics_path=metrics)
     resumed_from = None
     if opts.resume:
@@ -166,13 +168,12 @@ def _build_trainer(recipe: Recipe, opts: PeerOptions, group: Group):
         elif group.is_root:
             log.warning("--resume: no checkpoint in %s, starting from step 0", opts.run_dir)
     trainer.train_model = group.wrap(trainer.model)  # DDP: rank 0's weights to every rank
-    return task, trainer, resumed_from
+    return trainer, resumed_from
 
 
-def _training_pool(recipe: Recipe, task, group: Group) -> TeacherPool:
-    on_gpu = group.device.type == "cuda"
-    dtype = torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else None
-    return TeacherPool(task.build_model, recipe.distill, task.kind, device=group.device, dtype=dtype,
+def _teacher_pool(recipe: Recipe, task, device: torch.device) -> TeacherPool:
+    # the teachers' precision follows distill.teacher_precision on the device ("auto": bf16 where native)
+    return TeacherPool(task.build_model, recipe.distill, task.kind, device=device,
                        max_teachers=recipe.exchange.max_teachers or None)
 
 
@@ -182,8 +183,8 @@ def _run_rank(recipe: Recipe, opts: PeerOptions, group: Group) -> dict[str, Any]
     debug = DebugLog(opts.run_dir, group.rank)
     try:
         group.init()
-        task, trainer, _ = _build_trainer(recipe, opts, group)
-        trainer.teachers = _training_pool(recipe, task, group)
+        task = _task(recipe)
+        trainer, _ = _build_trainer(recipe, opts, group, task, _teacher_pool(recipe, task, group.device))
         sync = TeacherSync(group, trainer.teachers)
         t = recipe.train
         record: dict[str, Any] = {}

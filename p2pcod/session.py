@@ -28,9 +28,10 @@ from typing import Any
 
 import torch
 
-from p2pcod import codec, distill
+from p2pcod import codec
 from p2pcod.config import ExchangeConfig
 from p2pcod.distill import DistillConfig
+from p2pcod.distill_term import DistillTerm
 from p2pcod.errors import SwarmError
 from p2pcod.fetcher import Fetcher, FetchPolicy
 from p2pcod.swarm.dht import Membership
@@ -60,6 +61,7 @@ class Session:
         distill_cfg: DistillConfig,
         exchange: ExchangeConfig,
         start_step: int = 0,
+        teachers: TeacherPool | None = None,
     ) -> None:
         self.membership = membership
         self.name = name
@@ -78,9 +80,12 @@ class Session:
             ban_for=exchange.ban_for,
             stall_timeout=exchange.stall_timeout,
         )
-        self.teachers = TeacherPool(
+        # the pool the fetcher fills; a caller that trains with it may build it first and pass it in
+        self.teachers = teachers if teachers is not None else TeacherPool(
             build_model, distill_cfg, kind, max_teachers=exchange.max_teachers or None
         )
+        self._term = DistillTerm(distill_cfg, kind, self.teachers)
+        self._seed = int.from_bytes(name.encode()[:4].ljust(4, b"\0"), "big")  # teacher draws differ per peer
         self._step = start_step
         self._published: tuple[int, str, int] = (0, "", 0)  # (step, digest, size)
         self._lock = threading.Lock()
@@ -182,10 +187,9 @@ class Session:
         return self.teachers.predict(x)
 
     def distill_loss(self, student_logits: torch.Tensor, x: Any, step: int) -> torch.Tensor:
-        """α·ψ(teachers, student) for this batch (zero during burn-in or without teachers)."""
-        weighted = distill.weight(step, self.distill_cfg)
-        target = self.teachers.predict(x, expect_shape=student_logits.shape) if weighted else None
-        return distill.loss(student_logits, target, self.distill_cfg, self.kind, step)
+        """α·ψ(teachers, student) for this batch (zero during burn-in or without teachers), at the cost the
+        [distill] settings bound: teachers_per_step teachers on the batch's first batch_fraction of examples."""
+        return self._term.loss(student_logits, x, step, self._seed).loss
 
     def step(self, step: int, force: bool = False) -> None:
         """Tell the swarm the training step; every `reload_every` steps the weights are published."""

@@ -13,15 +13,22 @@ Model configs come from the network: a new module is first built on the meta dev
 memory) and must have exactly the state dict's names and shapes before it is built for real, so a config
 announcing an enormous model with a small checkpoint allocates nothing (`meta_model`, which the fetcher
 also uses to vet a record's config before fetching its checkpoint).
+
+Precision (`distill.teacher_precision`): teachers may run cheaper than the student. bf16 holds the module in
+bfloat16; int8 runs a dynamically quantised copy of it (int8 Linear weights, torch.ao's quantize_dynamic,
+CPU only); "auto" is bf16 where the device computes it natively (CUDA with bf16, a CPU with AVX512-BF16 or
+AMX) and fp32 elsewhere. Targets are float32 whatever the teachers ran in.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -57,12 +64,51 @@ class TeacherCopy:
 
 @dataclass(eq=False)
 class _Slot:
-    """One loaded module; `busy` counts predict() calls running it (guarded by the pool lock)."""
+    """One loaded module; `busy` counts predict() calls running it (guarded by the pool lock). `runner` is what
+    predict() runs: the module itself, or its int8 copy."""
 
     module: torch.nn.Module
     cfg_key: str
     info: TeacherInfo
     busy: int = field(default=0)
+    runner: torch.nn.Module | None = None
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_bf16_native() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def teacher_precision(precision: str, device: str | torch.device) -> tuple[torch.dtype | None, bool]:
+    """(dtype teacher modules are held in, or None for fp32; whether their Linear layers run int8)."""
+    device = torch.device(device)
+    if precision == "auto":
+        native = torch.cuda.is_bf16_supported() if device.type == "cuda" else _cpu_bf16_native()
+        precision = "bf16" if native else "fp32"
+    if precision == "int8" and device.type != "cpu":
+        log.warning("distill.teacher_precision = 'int8' runs on the CPU only; teachers on %s run in bf16", device)
+        precision = "bf16"
+    return (torch.bfloat16 if precision == "bf16" else None), precision == "int8"
+
+
+def _int8_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `module` whose Linear layers hold int8 weights and quantise activations per batch.
+
+    torch.ao's quantize_dynamic (fbgemm / x86 kernels) is deprecated in favour of torchao, but torchao's int8
+    paths need torch.compile on CPU to be fast, and the aten kernel they fall back to measured 30x slower than
+    an fp32 matmul here (benchmarks/overhead.py --precision-check); this is the fast int8 path the pinned torch has.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            from torch.ao.quantization import quantize_dynamic
+        except ImportError as e:  # a future torch without it
+            raise TeacherError("distill.teacher_precision = 'int8' needs torch.ao.quantization.quantize_dynamic, "
+                               "which this torch does not have: use 'bf16' or 'fp32'") from e
+        return quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8, inplace=False)
 
 
 def _cfg_key(model_cfg: Mapping) -> str:
@@ -119,7 +165,8 @@ class TeacherPool:
         self.cfg = cfg
         self.kind = kind
         self.device = torch.device(device)
-        self.dtype = dtype
+        resolved, self.int8 = teacher_precision(cfg.teacher_precision, self.device)
+        self.dtype = dtype if dtype is not None else resolved
         self.max_teachers = max_teachers
         self._lock = threading.Lock()
         self._active: dict[str, _Slot] = {}
@@ -156,10 +203,11 @@ class TeacherPool:
         if module is None:
             module = self._new_module(name, model_cfg, state_dict)
         self._load(name, module, state_dict)
+        runner = _int8_copy(module) if self.int8 else module
         info = TeacherInfo(name, step, copy.deepcopy(dict(model_cfg)), time.time(), dict(meta or {}))
         with self._lock:
             old = self._active.get(name)
-            self._active = {**self._active, name: _Slot(module, key, info)}
+            self._active = {**self._active, name: _Slot(module, key, info, runner=runner)}
             if old is not None and old.cfg_key == key:
                 self._standby[name] = old
             else:
@@ -281,15 +329,17 @@ class TeacherPool:
         """
         return [out for _, out in self._outputs(x, skip_bad=False, expect_shape=None)]
 
-    def predict(self, x, expect_shape: Sequence[int] | None = None) -> torch.Tensor | None:
+    def predict(self, x, expect_shape: Sequence[int] | None = None,
+                only: Iterable[str] | None = None) -> torch.Tensor | None:
         """The aggregated distillation target of the teachers on x (see distill.aggregate), or None.
 
-        A teacher that raises, returns non-finite logits or (when expect_shape is given, e.g. the
+        `only`: run just these teachers (a per-step draw, distill.draw_teachers); names no longer held are
+        ignored. A teacher that raises, returns non-finite logits or (when expect_shape is given, e.g. the
         student's logits shape) logits of another shape is left out of this call and counted in
         skipped(): one bad checkpoint from the network must not stop or poison training. None when
         the pool is empty or every teacher was left out.
         """
-        outs = [out for _, out in self._outputs(x, skip_bad=True, expect_shape=expect_shape)]
+        outs = [out for _, out in self._outputs(x, skip_bad=True, expect_shape=expect_shape, only=only)]
         if not outs:
             return None
         return distill.aggregate(outs, self.cfg, self.kind)
@@ -300,10 +350,11 @@ class TeacherPool:
             return dict(self._skipped)
 
     def _outputs(
-        self, x, skip_bad: bool, expect_shape: Sequence[int] | None
+        self, x, skip_bad: bool, expect_shape: Sequence[int] | None, only: Iterable[str] | None = None
     ) -> list[tuple[str, torch.Tensor]]:
+        wanted = None if only is None else set(only)
         with self._lock:
-            slots = [self._active[n] for n in sorted(self._active)]
+            slots = [self._active[n] for n in sorted(self._active) if wanted is None or n in wanted]
             for s in slots:
                 s.busy += 1
         try:
@@ -329,7 +380,7 @@ class TeacherPool:
     def _run(self, slot: _Slot, x, check: bool, expect_shape: Sequence[int] | None) -> torch.Tensor:
         name = slot.info.name
         try:
-            out = slot.module(x)
+            out = (slot.runner or slot.module)(x)
         except Exception as e:  # a foreign model that does not run on our inputs
             raise TeacherError(f"teacher {name!r} (step {slot.info.step}) failed on this batch: {e!r}") from e
         if not isinstance(out, torch.Tensor):

@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from p2pcod import checkpoint, distill
+from p2pcod import checkpoint
 from p2pcod.config import Recipe
+from p2pcod.distill_term import DistillTerm
 from p2pcod.errors import CheckpointError
 from p2pcod.tasks.base import Batch, Task
 from p2pcod.teachers import TeacherPool
@@ -93,7 +94,6 @@ class Trainer:
         self.shard = shard
         self.num_shards = num_shards
         self.run_dir = Path(run_dir)
-        self.teachers = teachers
         self.seed = seed_for(recipe, shard) if seed is None else seed
         self.device = torch.device(device)
         torch.manual_seed(self.seed)
@@ -107,10 +107,19 @@ class Trainer:
         self.val = [to_device(b, self.device) for b in val]
         self.metrics = MetricsLog(Path(metrics_path) if metrics_path else self.run_dir / "metrics.jsonl")
         self._batches: Iterator[Batch] | None = None
-        self._unigram = task.unigram() if recipe.distill.target == "unigram" else None
-        self._window: list[tuple[float, float, int]] = []  # (train loss, distill loss, teachers) since last log
+        self._peeked: Batch | None = None
+        unigram = task.unigram() if recipe.distill.target == "unigram" else None
+        self.distill = DistillTerm(recipe.distill, task.kind, teachers, unigram)
+        self._logged_settings = False
+        # (train loss, distill loss, teachers, teacher passes) per step since the last metrics line
+        self._window: list[tuple[float, float, int, int]] = []
         self._started = time.time()
         self.last_val_loss: float | None = None
+
+    @property
+    def teachers(self) -> TeacherPool | None:
+        """The pool the distillation term draws from (given to the constructor; swapped into from outside)."""
+        return self.distill.teachers
 
     # ---- training -------------------------------------------------------------------------------
     def _val_batches(self) -> list[Batch]:
@@ -132,29 +141,25 @@ class Trainer:
             return t.lr * (self.step + 1) / t.warmup
         return t.lr
 
-    def _distill_target(self, batch: Batch, logits: torch.Tensor) -> torch.Tensor | None:
-        cfg = self.recipe.distill
-        if distill.weight(self.step, cfg) == 0.0:
-            return None
-        if cfg.target != "teachers":
-            return distill.smoothing_target(logits, cfg, self.task.kind, self._unigram)
-        if self.teachers is None:
-            return None
-        # expect_shape: a teacher whose output does not fit (another vocabulary...) is left out, not fatal
-        return self.teachers.predict(batch.x, expect_shape=logits.shape)
+    def _peek_batch(self) -> Batch:
+        """The next batch without consuming it (distill.prefetch computes its teacher target ahead)."""
+        if self._peeked is None:
+            self._peeked = self._next_batch()
+        return self._peeked
 
     def train_step(self) -> dict[str, float]:
         """One optimiser step; returns this step's losses."""
-        cfg = self.recipe.distill
         self.model.train()
-        batch = self._next_batch()
+        batch, self._peeked = self._peek_batch(), None
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr()
         logits = self.train_model(batch.x)
         task_loss = self.task.loss(logits, batch)
-        target = self._distill_target(batch, logits)
-        distill_loss = distill.loss(logits, target, cfg, self.task.kind, self.step)
-        loss = task_loss + distill_loss
+        term = self.distill.loss(logits, batch.x, self.step, self.seed)
+        loss = task_loss + term.loss
+        if self.recipe.distill.prefetch and self.step + 1 < self.recipe.train.steps:
+            # the next batch's teacher target is computed while this step runs backward (distill.prefetch)
+            self.distill.prefetch(self._peek_batch().x, tuple(logits.shape), self.step + 1, self.seed)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.recipe.train.grad_clip:
@@ -163,10 +168,11 @@ class Trainer:
         self.step += 1
         out = {
             "train_loss": float(task_loss.detach()),
-            "distill_loss": float(distill_loss.detach()),
-            "teachers": 0 if target is None or cfg.target != "teachers" else len(self.teachers or ()),
+            "distill_loss": float(term.loss.detach()),
+            "teachers": len(self.teachers or ()) if term.teacher_passes else 0,
+            "teacher_passes": term.teacher_passes,
         }
-        self._window.append((out["train_loss"], out["distill_loss"], out["teachers"]))
+        self._window.append((out["train_loss"], out["distill_loss"], out["teachers"], term.teacher_passes))
         return out
 
     # ---- evaluation -----------------------------------------------------------------------------
@@ -194,7 +200,11 @@ class Trainer:
             record["train_loss"] = round(float(arr[:, 0].mean()), 6)
             record["distill_loss"] = round(float(arr[:, 1].mean()), 6)
             record["teachers"] = int(arr[-1, 2])
+            record["teacher_passes"] = round(float(arr[:, 3].mean()), 3)  # per step, mean since the last line
             self._window.clear()
+        if not self._logged_settings:  # what the distillation term costs, once per run (and per resume)
+            record["distill"] = dataclasses.asdict(self.recipe.distill)
+            self._logged_settings = True
         if evaluate:
             record["val_loss"] = round(self.evaluate(), 6)
         if self.teachers is not None:
@@ -235,6 +245,8 @@ class Trainer:
         self.seed = int(state["seed"])
         self._started = time.time() - float(state.get("elapsed", 0.0))
         self._batches = None  # restart the data stream at self.step
+        self._peeked = None
+        self.distill.discard()
         self._window.clear()
 
     def check_state(self, state: dict[str, Any]) -> None:
@@ -284,6 +296,7 @@ class Trainer:
         return state.get("extra", {})
 
     def close(self) -> None:
+        self.distill.close()
         self.metrics.close()
         self.train_model = self.model  # release a DistributedDataParallel wrapper before its group closes
 

@@ -292,3 +292,69 @@ def test_config_from_dict_and_errors():
         with pytest.raises(ConfigError, match=key) as err:
             DistillConfig.from_dict({key: value})
         assert repr(value) in str(err.value)
+
+
+# ---- the cost bounds: teachers per step, batch fraction ------------------------------------------------------
+
+
+def test_cost_keys_are_checked_naming_the_key():
+    bad_values = [("teachers_per_step", -1), ("teachers_per_step", True), ("batch_fraction", 0),
+                  ("batch_fraction", 1.5), ("teacher_precision", "fp16"), ("prefetch", "yes")]
+    for key, value in bad_values:
+        bad = {key: value}
+        with pytest.raises(ConfigError, match=f"distill.{key}"):
+            DistillConfig.from_dict(bad)
+    assert DistillConfig(teachers_per_step=0, batch_fraction=1.0, teacher_precision="fp32").exact
+    assert not DistillConfig().exact
+
+
+def test_rows_is_the_ceiling_of_the_fraction():
+    assert [distill.rows(16, DistillConfig(batch_fraction=f)) for f in (0.25, 0.3, 1.0, 0.01)] == [4, 5, 16, 1]
+    x = (torch.arange(10).reshape(5, 2), torch.arange(5))
+    dense, cats = distill.take_rows(x, 2)
+    assert dense.shape == (2, 2) and cats.tolist() == [0, 1]
+    with pytest.raises(distill.ShapeError):
+        distill.take_rows({"x": 1}, 2)
+
+
+def test_teacher_draws_are_seeded_uniform_and_cover_everyone():
+    names = ["a", "b", "c", "d"]
+    cfg = DistillConfig(teachers_per_step=2)
+    draws = [distill.draw_teachers(names, cfg, seed=7, step=s) for s in range(4000)]
+    assert draws == [distill.draw_teachers(names, cfg, seed=7, step=s) for s in range(4000)]  # resume: same draws
+    assert draws != [distill.draw_teachers(names, cfg, seed=8, step=s) for s in range(4000)]
+    assert all(len(d) == 2 and len(set(d)) == 2 and set(d) <= set(names) for d in draws)
+    counts = {n: sum(n in d for d in draws) for n in names}
+    assert all(abs(c / 4000 - 0.5) < 0.03 for c in counts.values()), counts  # each teacher in half the draws
+    # all teachers: k = 0, k >= held, and the non-linear aggregates (median, trimmed) whatever k is
+    assert distill.draw_teachers(names, DistillConfig(teachers_per_step=0), 7, 3) == names
+    assert distill.draw_teachers(names[:2], cfg, 7, 3) == names[:2]
+    assert distill.draw_teachers(names, DistillConfig(teachers_per_step=1, aggregate="median"), 7, 3) == names
+
+
+@pytest.mark.parametrize("psi", ["ce", "kl", "mse"])
+def test_a_draw_of_teachers_is_unbiased_for_the_gradient(psi):
+    """E over draws of ∇ψ(mean of k drawn teachers) = ∇ψ(mean of all): exactly over every k-subset, and within a
+    stated tolerance over 3000 seeded draws (the draws a trainer makes)."""
+    import itertools
+
+    torch.manual_seed(0)
+    teachers = [torch.randn(6, 5) * 2 for _ in range(4)]
+    names = ["t0", "t1", "t2", "t3"]
+    cfg = DistillConfig(psi=psi, temperature=2.0, teachers_per_step=2)
+    student = torch.randn(6, 5)
+
+    def grad(chosen):
+        s = student.clone().requires_grad_(True)
+        distill.psi(s, distill.aggregate([teachers[names.index(n)] for n in chosen], cfg, "multiclass"),
+                    cfg, "multiclass").backward()
+        return s.grad
+
+    full = grad(names)
+    subsets = list(itertools.combinations(names, 2))
+    exact = sum(grad(c) for c in subsets) / len(subsets)
+    assert torch.allclose(exact, full, atol=1e-6)
+    sampled = sum(grad(distill.draw_teachers(names, cfg, 3, s)) for s in range(3000)) / 3000
+    assert (sampled - full).abs().max() < 0.05 * full.abs().max()
+    # and a single draw is not the full mean: the test would fail for a biased or constant draw
+    assert not torch.allclose(grad(["t0", "t1"]), full, atol=1e-3)

@@ -189,7 +189,8 @@ def test_device_choice():
 def test_teacher_sync_copies_only_at_step_boundaries():
     """Rank 0's training pool follows the Session's pool at boundaries only (no process group: world of 1)."""
     recipe = load_recipe(Path(__file__).resolve().parent.parent / "peers" / "lm-tiny.toml",
-                         ["model.layers=1", "model.width=16", "model.heads=2", "task.max_bytes=100000"])
+                         ["model.layers=1", "model.width=16", "model.heads=2", "task.max_bytes=100000",
+                          'distill.teacher_precision="fp32"'])  # the weights as sent, to compare them bitwise
     task = get_task(recipe.task)
     make = lambda: TeacherPool(task.build_model, recipe.distill, task.kind)  # noqa: E731
     source, target = make(), make()

@@ -56,9 +56,12 @@ def _weights(cfg=CFG, seed=0) -> dict[str, torch.Tensor]:
     return MLP(cfg["d_in"], cfg["hidden"], cfg["classes"]).state_dict()
 
 
+FP32 = DistillConfig(teacher_precision="fp32")  # teachers exactly as loaded: these tests compare their weights
+
+
 def _pool(**kw) -> tuple[TeacherPool, Builder]:
     b = Builder()
-    return TeacherPool(b, kw.pop("cfg", DistillConfig()), kw.pop("kind", "multiclass"), **kw), b
+    return TeacherPool(b, kw.pop("cfg", FP32), kw.pop("kind", "multiclass"), **kw), b
 
 
 def test_empty_pool_predicts_none():
@@ -244,7 +247,7 @@ def _split_sd(total: float, v: float) -> dict[str, torch.Tensor]:
 
 
 def test_concurrent_swap_and_predict():
-    pool, b = _pool(cfg=DistillConfig(psi="mse"), kind="binary")
+    pool, b = _pool(cfg=DistillConfig(psi="mse", teacher_precision="fp32"), kind="binary")
     split = {"kind": "split"}
     pool.swap("a", _split_sd(1.0, 0.0), split, step=0)
     pool.swap("b", _split_sd(3.0, 0.0), split, step=0)
@@ -343,7 +346,7 @@ def test_snapshot_is_not_reloaded_by_a_concurrent_swap():
             built.append(m)
         return m
 
-    pool = TeacherPool(build, DistillConfig(), "multiclass")
+    pool = TeacherPool(build, FP32, "multiclass")
     for step in (1, 2):
         pool.swap("a", _weights(seed=step), CFG, step=step)
     copied = built[-1]
@@ -360,3 +363,50 @@ def test_snapshot_is_not_reloaded_by_a_concurrent_swap():
     assert pool.info()[0].step == 4 and len(built) == 3  # the busy module was left alone: a fresh one was built
     (after,) = pool.snapshot()
     assert after.info.step == 4 and all(torch.equal(after.state[k], v) for k, v in _weights(seed=4).items())
+
+
+# ---- cheaper teachers: a draw of them, and their precision ----------------------------------------------------
+
+
+def test_predict_runs_only_the_drawn_teachers():
+    pool, _ = _pool()
+    for i, name in enumerate(("a", "b", "c")):
+        pool.swap(name, _weights(seed=i), CFG, step=i)
+    x = torch.randn(5, 4)
+    only_b = pool.predict(x, only=["b"])
+    assert torch.allclose(only_b, torch.softmax(pool.logits(x)[1], -1), atol=1e-6)
+    assert torch.allclose(pool.predict(x, only=["a", "gone"]), torch.softmax(pool.logits(x)[0], -1), atol=1e-6)
+    assert pool.predict(x, only=["gone"]) is None and pool.predict(x, only=[]) is None
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_cheaper_teachers_stay_close_to_fp32(precision):
+    fp32, _ = _pool()
+    cheap, _ = _pool(cfg=DistillConfig(teacher_precision=precision))
+    big = {"d_in": 4, "hidden": 64, "classes": 3}
+    for pool in (fp32, cheap):
+        pool.swap("a", _weights(big, seed=1), big, step=1)
+    x = torch.randn(256, 4)
+    exact, got = fp32.predict(x), cheap.predict(x)
+    assert got.dtype == torch.float32 and not torch.equal(got, exact)  # it really ran in another precision
+    assert (got - exact).abs().max() < 0.02
+    assert (got.argmax(-1) == exact.argmax(-1)).float().mean() > 0.95
+    slot = cheap._active["a"]
+    if precision == "bf16":
+        assert all(p.dtype == torch.bfloat16 for p in slot.module.parameters())
+    else:  # int8 Linear layers in the copy that runs; the module keeps fp32 weights (snapshot, reuse)
+        assert "quantized" in type(slot.runner.net[0]).__module__
+        assert all(p.dtype == torch.float32 for p in slot.module.parameters())
+        assert torch.equal(cheap.snapshot()[0].state["net.0.weight"], _weights(big, seed=1)["net.0.weight"])
+
+
+def test_auto_precision_is_bf16_only_where_native(monkeypatch):
+    from p2pcod import teachers
+
+    monkeypatch.setattr(teachers, "_cpu_bf16_native", lambda: True)
+    assert teachers.teacher_precision("auto", "cpu") == (torch.bfloat16, False)
+    monkeypatch.setattr(teachers, "_cpu_bf16_native", lambda: False)
+    assert teachers.teacher_precision("auto", "cpu") == (None, False)
+    assert teachers.teacher_precision("fp32", "cpu") == (None, False)
+    assert teachers.teacher_precision("int8", "cpu") == (None, True)
+    assert teachers.teacher_precision("int8", "meta") == (torch.bfloat16, False)  # int8 kernels are CPU only

@@ -77,17 +77,20 @@ def test_teachers_go_through_the_codec(tmp_path):
     group.close()
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path):
-    """Interrupted at a checkpoint and resumed, the run continues exactly as the uninterrupted one."""
-    args = ("train.steps=16", "train.checkpoint_every=6", "exchange.reload_every=4", "distill.burn_in=2")
-    full = LocalGroup(tiny(*args), tmp_path / "full", models=2)
+@pytest.mark.parametrize("models", [2, 3])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, models):
+    """Interrupted at a checkpoint and resumed, the run continues exactly as the uninterrupted one (with 3 models
+    each holds 2 teachers and runs 1 a step: the resumed run continues the same draws)."""
+    args = ("train.steps=16", "train.checkpoint_every=6", "exchange.reload_every=4", "distill.burn_in=2",
+            "exchange.topology=full", "distill.teachers_per_step=1")
+    full = LocalGroup(tiny(*args), tmp_path / "full", models=models)
     full.run()
     full.close()
 
-    part = LocalGroup(tiny(*args[1:], "train.steps=6"), tmp_path / "part", models=2)
+    part = LocalGroup(tiny(*args[1:], "train.steps=6"), tmp_path / "part", models=models)
     part.run()  # stops at step 6, checkpoint written
     part.close()
-    resumed = LocalGroup(tiny(*args), tmp_path / "part", models=2)
+    resumed = LocalGroup(tiny(*args), tmp_path / "part", models=models)
     assert resumed.resume() and resumed.step == 6
     resumed.run()
     resumed.close()
@@ -223,3 +226,67 @@ def test_topology_edges_over_the_model_names(tmp_path):
     group.close()
     with pytest.raises(ConfigError, match="exchange.edges names 'p1', but the models of `p2pcod train --models 2`"):
         LocalGroup(tiny('exchange.topology="edges"', 'exchange.edges=[["p1", "m0"]]'), tmp_path / "x", models=2)
+
+
+# ---- what a step with teachers costs ------------------------------------------------------------------------
+
+
+def _trainer_with_teachers(tmp_path, name: str, n: int, *sets: str):
+    from p2pcod.tasks import get_task
+    from p2pcod.teachers import TeacherPool
+    from p2pcod.trainer import Trainer
+
+    recipe = tiny("train.steps=50", "distill.burn_in=0", *sets)
+    task = get_task(recipe.task)
+    pool = TeacherPool(task.build_model, recipe.distill, task.kind)
+    for i in range(n):
+        torch.manual_seed(50 + i)
+        # weights x 8: confident teachers whose predictions differ from example to example
+        state = {k: v * 8 if v.is_floating_point() else v
+                 for k, v in task.build_model(recipe.model).state_dict().items()}
+        pool.swap(f"t{i}", state, recipe.model, step=0)
+    return Trainer(recipe, task, shard=0, num_shards=1, run_dir=tmp_path / name, teachers=pool, seed=5)
+
+
+def test_teacher_passes_per_step_are_bounded_whatever_is_held(tmp_path):
+    one = _trainer_with_teachers(tmp_path, "k1", 3, "distill.teachers_per_step=1")
+    every = _trainer_with_teachers(tmp_path, "all", 3, "distill.teachers_per_step=0")
+    outs = [(one.train_step(), every.train_step()) for _ in range(6)]
+    assert all(a["teacher_passes"] == 1 and a["teachers"] == 3 for a, _ in outs)
+    assert all(b["teacher_passes"] == 3 and b["teachers"] == 3 for _, b in outs)
+    line = one.log()
+    assert line["teacher_passes"] == 1 and line["distill"]["teachers_per_step"] == 1
+    assert "distill" not in one.log()  # the settings once per run, the passes on every line
+    one.close()
+    every.close()
+
+
+def test_distillation_runs_on_the_first_fraction_of_the_batch(tmp_path):
+    from p2pcod import distill
+
+    tr = _trainer_with_teachers(tmp_path, "f", 2, "distill.batch_fraction=0.3", "distill.teachers_per_step=0",
+                                "distill.psi=\"mse\"",  # ψ that differs from example to example
+                                "distill.teacher_precision=\"fp32\"")
+    batch = tr._peek_batch()  # the batch the next step trains on (8 examples: ceil(0.3 * 8) = 3 distil)
+    with torch.no_grad():
+        logits = tr.model(batch.x)
+        target = tr.teachers.predict(batch.x[:3])
+        want = distill.psi(logits[:3], target, tr.recipe.distill, "multiclass")
+        whole = distill.psi(logits, tr.teachers.predict(batch.x), tr.recipe.distill, "multiclass")
+    out = tr.train_step()
+    assert out["distill_loss"] == pytest.approx(float(want), rel=1e-5)
+    assert abs(out["distill_loss"] - float(whole)) > 1e-3 * float(whole)  # not the whole batch's ψ
+    tr.close()
+
+
+def test_prefetched_teacher_targets_give_the_same_numbers(tmp_path):
+    plain = _trainer_with_teachers(tmp_path, "sync", 3, "distill.prefetch=false")
+    ahead = _trainer_with_teachers(tmp_path, "prefetch", 3, "distill.prefetch=true")
+    a = [plain.train_step()["distill_loss"] for _ in range(8)]
+    b = [ahead.train_step()["distill_loss"] for _ in range(8)]
+    assert ahead.distill._pool is not None  # the worker really ran
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+    for va, vb in zip(plain.model.state_dict().values(), ahead.model.state_dict().values(), strict=True):
+        assert torch.allclose(va, vb, atol=1e-5)
+    plain.close()
+    ahead.close()
