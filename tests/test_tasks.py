@@ -126,7 +126,27 @@ def test_lm_small_tree_and_file_list(tmp_path):
     listed = get_task({"name": "lm", "corpus": [str(root / "a"), str(root / "b" / "f0.txt")], "seq_len": 16})
     assert len(listed.train_files) + len(listed.val_files) == 4
     capped = get_task({"name": "lm", "corpus": str(root), "seq_len": 16, "max_bytes": 2000})
-    assert sum(len(d) for _, d in capped.train_files + capped.val_files) == 2000
+    assert sum(len(d) for _, d in capped.train_files) == 2000  # the cap is on training text only
+
+
+def test_lm_validation_depends_on_the_corpus_and_val_fraction_alone(tmp_path):
+    """The held-out files are chosen from the whole corpus before any cap: the same for every max_bytes, take and
+    split, and never among the training files."""
+    root = _tree(tmp_path / "c", {f"{d}/f{i}.txt": f"{d}{i} " * (50 + 20 * i) for d in "abcdef" for i in range(5)})
+    base = {"name": "lm", "corpus": str(root), "seq_len": 16, "val_fraction": 0.1}
+    whole = get_task(base)
+    val = whole.val_files
+    assert val and sum(len(d) for _, d in val) >= 0.1 * sum(len(d) for _, d in whole.train_files + val)
+    for extra in ({"max_bytes": 1500}, {"max_bytes": 1500, "take": "spread"}, {"max_bytes": 400}):
+        task = get_task({**base, **extra})
+        assert task.val_files == val, extra
+        assert not {r for r, _ in task.train_files} & {r for r, _ in val}
+        assert sum(len(d) for _, d in task.train_files) == extra["max_bytes"]
+        batches = task.val_batches(4, 2)
+        assert all(_same(a, b) for a, b in zip(batches, whole.val_batches(4, 2), strict=True))
+    assert whole.describe()["val_files"] == len(val) and whole.describe()["val_bytes"] == sum(len(d) for _, d in val)
+    other = get_task({**base, "val_fraction": 0.3})
+    assert len(other.val_files) > len(val)
 
 
 def test_lm_capped_corpus_first_files_or_spread_over_directories(tmp_path):
@@ -135,7 +155,7 @@ def test_lm_capped_corpus_first_files_or_spread_over_directories(tmp_path):
     cfg = {"name": "lm", "corpus": str(root), "seq_len": 16, "val_fraction": 0.01, "max_bytes": 2400}
 
     def dirs(task):
-        return {rel.split("/")[0] for rel, _ in task.train_files + task.val_files}
+        return {rel.split("/")[0] for rel, _ in task.train_files}
 
     first = get_task(cfg)
     assert dirs(first) == {"a", "b"}  # 8 files of 300 bytes: all of a/, all of b/
@@ -143,7 +163,7 @@ def test_lm_capped_corpus_first_files_or_spread_over_directories(tmp_path):
         first.train_batches(0, 4, split="noniid", batch_size=2, seed=0)
     spread = get_task({**cfg, "take": "spread"})
     assert dirs(spread) == set("abcdef")
-    assert sum(len(d) for _, d in spread.train_files + spread.val_files) == 2400
+    assert sum(len(d) for _, d in spread.train_files) == 2400
     assert spread.train_files == sorted(spread.train_files)
     shards = [{f.split("/")[0] for f in spread.shard_files(i, 4, "noniid")} for i in range(4)]
     assert all(shards) and sum(map(len, shards)) == len(set().union(*shards))  # whole directories each

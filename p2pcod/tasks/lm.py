@@ -223,17 +223,8 @@ def _walk(root: Path, pattern: str, skip_dirs: frozenset[str]) -> list[Path]:
     return out
 
 
-@functools.lru_cache(maxsize=8)
-def load_corpus(entries: tuple[str, ...], pattern: str, max_bytes: int, take: str = "first"
-                ) -> tuple[tuple[str, bytes], ...]:
-    """(relative path, raw bytes) of files up to max_bytes in all, sorted by path, the last one cut.
-
-    take "first": the first files by path. "spread": the files of every top-level directory in turn (one
-    of each, then the second of each...), so a capped corpus keeps every kind of text (the noniid split
-    gives each shard whole top-level directories).
-
-    Cached per process: the trainer may build several tasks over one corpus.
-    """
+def _list_corpus(entries: tuple[str, ...], pattern: str) -> list[tuple[str, Path, int]]:
+    """(relative path, path, size in bytes) of every corpus file, sorted by relative path; nothing is read."""
     default = entries == ()
     roots = [default_corpus()] if default else [Path(e).expanduser() for e in entries]
     skip = SKIP_DIRS if default else frozenset({"__pycache__"})
@@ -246,25 +237,60 @@ def load_corpus(entries: tuple[str, ...], pattern: str, max_bytes: int, take: st
             files.append((prefix + root.name, root))
         else:
             raise DataError(f"task.corpus entry {str(root)!r} is neither a file nor a directory")
-    files.sort()
+    out = []
+    for rel, path in sorted(files):
+        try:
+            size = path.stat().st_size
+        except OSError:
+            continue  # a broken link is skipped, not fatal
+        if size:
+            out.append((rel, path, size))
+    if not out:
+        raise DataError(f"no files matching {pattern!r} with data in task.corpus {list(entries) or str(roots[0])}")
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def load_corpus(entries: tuple[str, ...], pattern: str, max_bytes: int, take: str = "first",
+                val_fraction: float = 0.05) -> tuple[tuple[tuple[str, bytes], ...], tuple[tuple[str, bytes], ...]]:
+    """(training files, validation files), each as (relative path, raw bytes) sorted by path.
+
+    Validation files are held out of the WHOLE corpus first (_held_out: by a stable hash of their paths), so
+    they depend on the corpus and val_fraction alone, never on max_bytes, take or the split. Training files are
+    then the others up to max_bytes in all, the last one cut: take "first" keeps the first by path, "spread"
+    the files of every top-level directory in turn (one of each, then the second of each...), so a capped
+    corpus keeps every kind of text (the noniid split gives each shard whole top-level directories).
+
+    Cached per process: the trainer may build several tasks over one corpus.
+    """
+    listing = _list_corpus(entries, pattern)
+    if len(listing) < 2:
+        raise DataError(f"task.corpus has {len(listing)} file(s); lm needs >= 2 (training and validation)")
+    held = _held_out([(rel, size) for rel, _, size in listing], val_fraction)
+    val = tuple((rel, data) for (rel, path, _), h in zip(listing, held, strict=True) if h
+                for data in [_read(path)] if data)
+    train = [(rel, path) for (rel, path, _), h in zip(listing, held, strict=True) if not h]
     if take == "spread":
-        files = _interleave_top_dirs(files)
+        train = _interleave_top_dirs(train)
     out, total = [], 0
-    for rel, path in files:
+    for rel, path in train:
         if total >= max_bytes:
             break
-        try:
-            data = path.read_bytes()[: max_bytes - total]
-        except OSError:
-            continue  # an unreadable file (permissions, broken link) is skipped, not fatal
+        data = _read(path)[: max_bytes - total]
         if data:
             out.append((rel, data))
             total += len(data)
-    if not out:
-        raise DataError(
-            f"no files matching {pattern!r} with data in task.corpus {list(entries) or str(roots[0])}"
-        )
-    return tuple(sorted(out))
+    if not out or not val:
+        raise DataError(f"task.corpus {list(entries) or str(default_corpus())}: no readable "
+                        f"{'training' if not out else 'validation'} files matching {pattern!r}")
+    return tuple(sorted(out)), val
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""  # an unreadable file (permissions) is skipped, not fatal
 
 
 def _interleave_top_dirs(files: list[tuple[str, Path]]) -> list[tuple[str, Path]]:
@@ -277,16 +303,16 @@ def _stable_unit(text: str) -> float:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64
 
 
-def _held_out(files: tuple[tuple[str, bytes], ...], fraction: float) -> list[bool]:
-    """Validation files: taken in the order of a stable hash of their path until they hold `fraction` of
-    the bytes (so a corpus of a few uneven files still gets enough validation text); >= 1 file stays for
-    training."""
+def _held_out(files: Sequence[tuple[str, int]], fraction: float) -> list[bool]:
+    """Validation files of (relative path, size): taken in the order of a stable hash of their path until they
+    hold `fraction` of the bytes (so a corpus of a few uneven files still gets enough validation text); >= 1
+    file stays for training."""
     order = sorted(range(len(files)), key=lambda i: _stable_unit(files[i][0]))
-    goal = fraction * sum(len(d) for _, d in files)
+    goal = fraction * sum(size for _, size in files)
     held, got = [False] * len(files), 0
     for i in order[:-1]:
         held[i] = True
-        got += len(files[i][1])
+        got += files[i][1]
         if got >= goal:
             break
     return held
@@ -321,12 +347,8 @@ class LMTask(Task):
         self.max_bytes = settings.max_bytes
         self.seq_len = settings.seq_len
         self.take = settings.take
-        files = load_corpus(self.entries, self.pattern, self.max_bytes, self.take)
-        if len(files) < 2:
-            raise DataError(f"task.corpus has {len(files)} file(s); lm needs >= 2 (training and validation)")
-        held = _held_out(files, self.val_fraction)
-        self.train_files = [f for f, h in zip(files, held, strict=True) if not h]
-        self.val_files = [f for f, h in zip(files, held, strict=True) if h]
+        train, val = load_corpus(self.entries, self.pattern, self.max_bytes, self.take, self.val_fraction)
+        self.train_files, self.val_files = list(train), list(val)
         self._val = _concat(self.val_files)
         if len(self._val) < self.seq_len + 1:
             raise DataError(f"validation files hold {len(self._val)} bytes, fewer than task.seq_len + 1")
