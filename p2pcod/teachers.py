@@ -104,11 +104,12 @@ def _int8_copy(module: torch.nn.Module) -> torch.nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            from torch.ao.quantization import quantize_dynamic
+            from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
         except ImportError as e:  # a future torch without it
             raise TeacherError("distill.teacher_precision = 'int8' needs torch.ao.quantization.quantize_dynamic, "
                                "which this torch does not have: use 'bf16' or 'fp32'") from e
-        return quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8, inplace=False)
+        # per-output-channel weight scales: closer to fp32 than one scale per tensor, at the same speed
+        return quantize_dynamic(module, {torch.nn.Linear: per_channel_dynamic_qconfig}, inplace=False)
 
 
 def _cfg_key(model_cfg: Mapping) -> str:
