@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,7 @@ from p2pcod.tasks.base import Batch, Task
 from p2pcod.teachers import TeacherPool
 
 CHECKPOINT_NAME = "checkpoint.ckpt"
+log = logging.getLogger(__name__)
 
 
 def build_optimizer(params, recipe: Recipe) -> torch.optim.Optimizer:
@@ -111,6 +113,7 @@ class Trainer:
         unigram = task.unigram() if recipe.distill.target == "unigram" else None
         self.distill = DistillTerm(recipe.distill, task.kind, teachers, unigram)
         self._logged_settings = False
+        self.skipped_steps = 0  # optimiser steps skipped for a non-finite gradient (see train_step)
         # (train loss, distill loss, teachers, teacher passes) per step since the last metrics line
         self._window: list[tuple[float, float, int, int]] = []
         self._started = time.time()
@@ -162,9 +165,13 @@ class Trainer:
             self.distill.prefetch(self._peek_batch().x, tuple(logits.shape), self.step + 1, self.seed)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if self.recipe.train.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.train.grad_clip)
-        self.optimizer.step()
+        # the total gradient norm (clipped to train.grad_clip when set); after DDP's all-reduce it is the same on
+        # every rank of a group, so every rank takes the same decision below
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.train.grad_clip or float("inf"))
+        if bool(torch.isfinite(norm)):
+            self.optimizer.step()
+        else:  # a NaN / inf loss or gradient (a hostile teacher, a bad batch) must not reach the weights
+            self._skip_step(float(task_loss.detach()), float(term.loss.detach()))
         self.step += 1
         out = {
             "train_loss": float(task_loss.detach()),
@@ -174,6 +181,13 @@ class Trainer:
         }
         self._window.append((out["train_loss"], out["distill_loss"], out["teachers"], term.teacher_passes))
         return out
+
+    def _skip_step(self, task_loss: float, distill_loss: float) -> None:
+        self.skipped_steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.skipped_steps == 1 or self.skipped_steps % 100 == 0:
+            log.warning("step %d: non-finite gradient (task loss %s, distillation loss %s): step skipped, weights "
+                        "unchanged (%d skipped so far)", self.step, task_loss, distill_loss, self.skipped_steps)
 
     # ---- evaluation -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -202,6 +216,8 @@ class Trainer:
             record["teachers"] = int(arr[-1, 2])
             record["teacher_passes"] = round(float(arr[:, 3].mean()), 3)  # per step, mean since the last line
             self._window.clear()
+        if self.skipped_steps:
+            record["skipped_steps"] = self.skipped_steps
         if not self._logged_settings:  # what the distillation term costs, once per run (and per resume)
             record["distill"] = dataclasses.asdict(self.recipe.distill)
             self._logged_settings = True

@@ -290,3 +290,20 @@ def test_prefetched_teacher_targets_give_the_same_numbers(tmp_path):
         assert torch.allclose(va, vb, atol=1e-5)
     plain.close()
     ahead.close()
+
+
+def test_a_non_finite_gradient_skips_the_step_and_keeps_the_weights(tmp_path, caplog):
+    tr = _trainer_with_teachers(tmp_path, "nan", 1)
+    before = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    real_loss = tr.task.loss
+    tr.task.loss = lambda logits, batch: real_loss(logits, batch) * float("nan")  # one poisoned step
+    with caplog.at_level("WARNING"):
+        out = tr.train_step()
+    assert tr.skipped_steps == 1 and tr.step == 1 and "step skipped" in caplog.text
+    assert all(torch.equal(v, before[k]) for k, v in tr.model.state_dict().items())
+    tr.task.loss = real_loss
+    tr.train_step()
+    assert tr.skipped_steps == 1 and all(torch.isfinite(v).all() for v in tr.model.state_dict().values())
+    assert not all(torch.equal(v, before[k]) for k, v in tr.model.state_dict().items())  # the next step trained
+    assert tr.log()["skipped_steps"] == 1 and out["train_loss"] != out["train_loss"]  # NaN reported as it was
+    tr.close()
