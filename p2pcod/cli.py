@@ -166,7 +166,15 @@ def cmd_peer(args: argparse.Namespace) -> int:
     import socket
 
     from p2pcod.config import load_recipe
-    from p2pcod.peer import PeerOptions, install_signal_handlers, join_command, parse_shard, run_peer
+    from p2pcod.peer import (
+        PeerOptions,
+        install_signal_handlers,
+        join_command,
+        join_notes,
+        parse_shard,
+        routed_addresses,
+        run_peer,
+    )
 
     overrides = list(args.overrides) + ([f'exchange.topology="{args.topology}"'] if args.topology else [])
     recipe = load_recipe(args.config, overrides)
@@ -188,11 +196,12 @@ def cmd_peer(args: argparse.Namespace) -> int:
         print(f"peer {name} in swarm {args.swarm!r} listening on:", file=sys.stderr)
         for a in maddrs:
             print(f"  {a}", file=sys.stderr)
-        print("another machine joins with:\n  " + join_command(maddrs, opts, args.config, overrides), file=sys.stderr,
-              flush=True)
-        if num_shards == 1:
-            print("  (this peer trains on all its data, --shard 0/1; for disjoint shards start every peer with "
-                  "--shard I/K, e.g. 0/2 and 1/2)", file=sys.stderr, flush=True)
+        routed = routed_addresses()  # one answer for the command and its notes
+        print("another machine joins with:\n  " + join_command(maddrs, opts, args.config, overrides, routed),
+              file=sys.stderr)
+        for note in join_notes(maddrs, opts, routed):
+            print(f"  {note}", file=sys.stderr)
+        sys.stderr.flush()
 
     try:
         record = run_peer(recipe, opts, on_start=on_start, progress=progress)

@@ -10,7 +10,8 @@ announced or than those limits is refused before it is read, the digest is check
 record, the codec decodes with the limits and checks the fingerprint, and the TeacherPool refuses weights
 that do not fit the announced model config. Any failure is logged and counted, the old teacher stays,
 and the offending peer is retried later with exponential backoff; after repeated offences it is banned
-for a while.
+for a while. A neighbour that cannot be reached or went away mid-transfer is no offender: it is logged as
+unreachable or gone and retried with backoff, never banned.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 from p2pcod import codec
 from p2pcod.errors import P2pcodError
 from p2pcod.swarm.records import PeerRecord
-from p2pcod.swarm.transfer import BlobNotServed, PeerBusy
+from p2pcod.swarm.transfer import BlobNotServed, PeerBusy, PeerGone
 from p2pcod.teachers import TeacherPool
 from p2pcod.topology import TopologyConfig, neighbours
 
@@ -42,6 +43,7 @@ class PeerHealth:
 
     failures: int = 0  # consecutive failed fetches
     offences: int = 0  # failed fetches in total
+    unreachable: int = 0  # consecutive fetches it was unreachable or gone for (no offence: only backoff)
     retry_at: float = 0.0  # monotonic time before which we do not try again
     banned_until: float = 0.0
     last_error: str = ""
@@ -112,7 +114,8 @@ class Fetcher:
         self.interval = interval
         self.health: dict[str, PeerHealth] = {}
         self.held: dict[str, str] = {}  # teacher name -> digest held
-        self.stats = {"fetched": 0, "failed": 0, "rejected": 0, "bytes": 0, "banned": 0, "rounds": 0}
+        self.stats = {"fetched": 0, "failed": 0, "rejected": 0, "bytes": 0, "banned": 0, "rounds": 0,
+                      "unreachable": 0}
         self._warned: set[str] = set()  # peer ids already warned about
         self._owner: dict[str, str] = {}  # name -> the peer id that holds it
         self._seen: dict[str, float] = {}  # peer id -> monotonic time its record was last listed
@@ -155,7 +158,7 @@ class Fetcher:
             self.held.pop(dropped, None)
             log.info("dropped teacher %s (left the swarm or no longer a neighbour)", dropped)
         # peers that failed us before go last: a staller costs the others at most one timeout per round
-        for name in sorted(wanted, key=lambda n: self._offences(by_name[n].peer_id)):
+        for name in sorted(wanted, key=lambda n: self._failed_before(by_name[n].peer_id)):
             if self._stop.is_set() or self._paused():
                 return
             record = by_name[name]
@@ -196,9 +199,9 @@ class Fetcher:
             log.warning(message)
             self._warned.add(record.peer_id)
 
-    def _offences(self, peer_id: str) -> int:
+    def _failed_before(self, peer_id: str) -> tuple[int, int]:
         h = self.health.get(peer_id)
-        return 0 if h is None else h.offences
+        return (0, 0) if h is None else (h.offences, h.unreachable)
 
     def _may_try(self, record: PeerRecord) -> bool:
         h = self.health.get(record.peer_id)
@@ -258,6 +261,9 @@ class Fetcher:
         except PeerBusy:  # the peer is serving others: not misbehaviour, retry soon without a strike
             self._retry_soon(record)
             return
+        except PeerGone as err:  # unreachable, or left mid-transfer: not misbehaviour either
+            self._unreachable(record, err)
+            return
         except BlobNotServed as err:
             # Usually our copy of its record is a little older than the blobs it serves: retry without a
             # strike once; the same digest refused again is an offence (it announces what it does not serve).
@@ -279,6 +285,21 @@ class Fetcher:
     def _retry_soon(self, record: PeerRecord) -> None:
         h = self.health.setdefault(record.peer_id, PeerHealth())
         h.retry_at = time.monotonic() + self.policy.backoff
+
+    def _unreachable(self, record: PeerRecord, err: Exception) -> None:
+        """Back off from a neighbour we cannot reach (exponentially: its record may outlive it by a ttl), with no
+        strike toward a ban: an unreachable peer is not a misbehaving one."""
+        if self._paused():  # our own partition
+            return
+        p = self.policy
+        h = self.health.setdefault(record.peer_id, PeerHealth())
+        h.unreachable += 1
+        h.last_error = str(err)
+        delay = min(p.backoff * 2 ** (h.unreachable - 1), p.max_backoff)
+        h.retry_at = time.monotonic() + delay
+        self.stats["unreachable"] += 1
+        log.info("neighbour %s (%s) is unreachable or gone, keeping the old teacher; retrying in %.0f s: %s",
+                 record.name, record.peer_id, delay, err)
 
     def _offence(self, record: PeerRecord, err: Exception) -> None:
         if self._paused():  # our own partition, not the peer's fault

@@ -12,14 +12,17 @@ ranks only train (DistributedDataParallel) with the teachers rank 0 broadcasts a
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import json
 import logging
 import re
 import shlex
 import signal
+import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +72,10 @@ def parse_shard(text: str) -> tuple[int, int]:
     """'1/4' -> (1, 4)."""
     m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
     if not m:
+        placeholder = re.fullmatch(r"\s*I\s*/\s*(\d+)\s*", text)  # pasted from a join command as printed
+        if placeholder:
+            k = int(placeholder.group(1))
+            raise ConfigError(f"--shard {text!r}: replace I by a shard from 0 to {k - 1} that no other peer trains on")
         raise ConfigError(f"--shard {text!r} must look like I/K, e.g. 0/4")
     return int(m.group(1)), int(m.group(2))
 
@@ -82,15 +89,87 @@ def install_signal_handlers(stop: threading.Event) -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def join_command(maddrs: Sequence[str], opts: PeerOptions, config: str, overrides: Sequence[str] = ()) -> str:
-    """The command another machine runs to join: this peer's recipe and overrides, the next shard, and an
-    address it can reach (loopback only when there is nothing else)."""
-    public = [a for a in maddrs if not a.startswith(("/ip4/127.", "/ip6/::1/"))]
-    joins = " ".join(f"--join {a}" for a in (public or list(maddrs))[:1])
+def join_command(maddrs: Sequence[str], opts: PeerOptions, config: str, overrides: Sequence[str] = (),
+                 routed: Collection[str] | None = None) -> str:
+    """The command another machine runs to join: this peer's recipe and overrides, the address `join_address`
+    picks, and the other shard when that is unambiguous, else `--shard I/K` (`join_notes` says what to put)."""
+    address, _ = join_address(maddrs, routed)
     sets = "".join(f" --set {shlex.quote(o)}" for o in overrides)
-    shard = f"{(opts.shard + 1) % opts.num_shards}/{opts.num_shards}"  # with 0/1 both read all the data
-    return (f"p2pcod peer --config {shlex.quote(config)} --swarm {shlex.quote(opts.swarm)} {joins} "
+    shard = _other_shard(opts) or f"I/{opts.num_shards}"
+    return (f"p2pcod peer --config {shlex.quote(config)} --swarm {shlex.quote(opts.swarm)} --join {address} "
             f"--name OTHER_NAME --shard {shard}{sets}")
+
+
+def join_notes(maddrs: Sequence[str], opts: PeerOptions, routed: Collection[str] | None = None) -> list[str]:
+    """Shell comment lines to print under the join command: which shard to take, this peer's other addresses."""
+    k, mine = opts.num_shards, opts.shard
+    if k == 1:
+        notes = ["# both peers train on all the data (--shard 0/1); for disjoint shards start every peer with "
+                 "--shard I/K, e.g. 0/2 and 1/2"]
+    elif k == 2:
+        notes = [f"# this peer trains on shard {mine}/2, so the other half is left; more than two peers need "
+                 f"more shards (K)"]
+    else:
+        notes = [f"# replace I by a shard from 0 to {k - 1} that no other peer trains on (this peer trains on "
+                 f"{mine}/{k}; it knows of no other peer yet)"]
+    _, others = join_address(maddrs, routed)
+    if others:
+        notes.append("# other addresses this peer listens on (if the one above is not reachable from the other "
+                     "machine): " + " ".join(others))
+    return notes
+
+
+def _other_shard(opts: PeerOptions) -> str | None:
+    """The shard a second peer should take, when this peer alone decides it: the same (0/1), or the other half."""
+    if opts.num_shards == 1:
+        return "0/1"  # 1/1 would not be a valid shard
+    if opts.num_shards == 2:
+        return f"{1 - opts.shard}/2"
+    return None  # which of K-1 shards are free depends on peers this one does not know yet
+
+
+def join_address(maddrs: Sequence[str], routed: Collection[str] | None = None) -> tuple[str, list[str]]:
+    """(the address to print in the join command, the other addresses worth trying).
+
+    Loopback, link-local and unspecified addresses only when there is nothing else (another machine cannot use
+    them). Among the rest: the address this host's default route leaves from (`routed`; None: ask the kernel)
+    first, as a second interface (a container bridge, a VPN) is often one the other machines cannot reach; then
+    public before private addresses, IPv4 before IPv6; otherwise in the order the peer lists them.
+    """
+    routed = routed_addresses() if routed is None else set(routed)
+    ranked = sorted((r, i) for i, a in enumerate(maddrs) if (r := _address_rank(a, routed)) is not None)
+    usable = [maddrs[i] for _, i in ranked]
+    if not usable:
+        usable = list(maddrs)
+    return usable[0], usable[1:]
+
+
+def _address_rank(maddr: str, routed: Collection[str]) -> tuple[int, bool] | None:
+    """Lower is better; None for an address no other machine can use."""
+    parts = maddr.split("/")
+    proto, host = (parts[1], parts[2]) if len(parts) > 2 else ("", "")
+    if proto.startswith("dns"):
+        return (1, False)  # a name someone set up for others to reach this host by (--announce)
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return (3, False)
+    if ip.is_loopback or ip.is_link_local or ip.is_unspecified:
+        return None
+    v6 = ip.version == 6
+    if host in routed:
+        return (0, v6)
+    return (1, v6) if ip.is_global else (2, v6)
+
+
+def routed_addresses() -> set[str]:
+    """The local addresses this host's default routes (IPv4, IPv6) leave from; connecting UDP sends nothing."""
+    found = set()
+    for family, target in ((socket.AF_INET, "192.0.2.1"), (socket.AF_INET6, "2001:db8::1")):  # documentation IPs
+        with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect((target, 9))
+            found.add(probe.getsockname()[0])
+    return found
 
 
 def run_peer(

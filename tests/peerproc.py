@@ -50,12 +50,13 @@ def tiny_spec_sets(**changes: dict) -> str:
 
 class PeerProc:
     def __init__(self, run_dir: Path, name: str, swarm: str, extra: list[str] | None = None,
-                 join: list[str] | None = None, resume: bool = False, shard: str = "0/1") -> None:
+                 join: list[str] | None = None, resume: bool = False, shard: str = "0/1",
+                 listen: str = "/ip4/127.0.0.1/tcp/0") -> None:
         self.run_dir, self.name = run_dir, name
         self._started_after = time.time()
         self.left_behind: list[int] = []
         cmd = [sys.executable, "-m", "p2pcod", "-v", "peer", "--config", str(RECIPE), "--name", name,
-               "--swarm", swarm, "--run-dir", str(run_dir), "--listen", "/ip4/127.0.0.1/tcp/0", "--shard", shard]
+               "--swarm", swarm, "--run-dir", str(run_dir), "--listen", listen, "--shard", shard]
         for j in join or []:
             cmd += ["--join", j]
         for s in FAST + (extra or []):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
+import threading
 import time
 from collections.abc import Iterator
 
@@ -22,6 +24,7 @@ from p2pcod.swarm.transfer import (
     BlobNotServed,
     BlobTooLarge,
     PeerBusy,
+    PeerGone,
     TokenBucket,
     Transfer,
     TransferTimeout,
@@ -86,6 +89,10 @@ class RawPeer:
                 writer.write(OK + len(self.payload).to_bytes(8, "big") + self.payload[:1000])
                 await writer.drain()
                 await asyncio.sleep(3600)
+            if self.mode == "cut":  # the header promises the whole blob; half of it comes, then the stream closes
+                writer.write(OK + len(self.payload).to_bytes(8, "big") + self.payload[: len(self.payload) // 2])
+                await writer.drain()
+                return
             size = len(self.payload) - (1 if self.mode == "extra" else 0)
             writer.write(OK + size.to_bytes(8, "big") + self.payload)
             await writer.drain()
@@ -257,6 +264,52 @@ def test_upload_slots_bounded_and_freed(pair, raw):
     finally:
         pair.ta.upload_bucket = TokenBucket(None)
         pair.ta.upload_timeout = 600.0
+
+
+def test_a_server_that_cuts_the_stream_and_still_answers_sent_a_bad_blob(pair, raw):
+    """Half the blob, then the stream closes, from a peer that answers a fresh request: it cut us (an offence)."""
+    raw.mode, raw.payload = "cut", pair.blob
+    with pytest.raises(BlobMismatch, match=r"sent \d+ of the \d+ bytes") as caught:
+        pair.tb.fetch(raw.peer_id, pair.digest, len(pair.blob), max_bytes=10 * MB, timeout=20)
+    assert not isinstance(caught.value, PeerGone)
+
+
+def test_an_unknown_peer_is_unreachable_not_offending(pair):
+    nobody = "QmStxopftxCy9zc5gbbkLPFvjVqX74JHPp9R2CwEWq5pU9"
+    with pytest.raises(PeerGone, match=f"cannot open a blob stream to {nobody}"):
+        pair.tb.fetch(nobody, pair.digest, len(pair.blob), max_bytes=10 * MB, timeout=20)
+
+
+def test_a_peer_stopping_mid_upload_logs_no_error_and_is_gone_to_the_downloader(tmp_path, caplog):
+    """What a stopping peer does (Transfer.close: the handler goes, running uploads are cut) logs no asyncio ERROR
+    on its side, and the downloader's failure is PeerGone (the peer went away), not a bad checkpoint."""
+    caplog.set_level(logging.INFO)
+    p = Pair(tmp_path)
+    try:
+        p.ta.upload_bucket = TokenBucket(256e3)  # 3 MB at 256 kB/s: ~12 s, cut after the first bytes
+        failed: list[BaseException] = []
+
+        def fetch() -> None:
+            try:
+                p.tb.fetch(p.a.peer_id, p.digest, len(p.blob), max_bytes=10 * MB, timeout=60)
+            except Exception as err:  # noqa: BLE001 - checked below
+                failed.append(err)
+
+        downloader = threading.Thread(target=fetch)
+        downloader.start()
+        deadline = time.monotonic() + 20
+        while p.tb.stats["bytes_in"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert p.tb.stats["bytes_in"] > 0, "the upload did not start"
+        p.ta.close()
+        downloader.join(40)
+        assert not downloader.is_alive()
+        assert len(failed) == 1 and isinstance(failed[0], PeerGone), failed
+        assert "went away" in str(failed[0])
+    finally:
+        p.close()
+    alarming = [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.ERROR]
+    assert alarming == []
 
 
 def test_token_bucket_arithmetic():

@@ -2,6 +2,7 @@
 
     records.PeerRecord   what a peer announces (pure, schema-checked)
     dht.Membership       hivemind DHT node: announce / members / leave / shutdown (signed, expiring records)
+    lifetime             the DHT process and p2pd die with the peer; one holder per identity and port
     transfer.Transfer    serve my checkpoint blob, fetch others' by digest over libp2p streams
     transfer.TokenBucket bandwidth limiter
 

@@ -8,6 +8,12 @@ Records expire `ttl` seconds after the last announce (the heartbeat refreshes th
 
 The DHT runs in a forked hivemind process; this object's methods are synchronous and thread-safe.
 Blob transfer (transfer.py) uses the same libp2p daemon through `p2p()`, on this object's event loop.
+
+No orphans: the DHT process watches its parent and shuts down (p2pd with it) when the parent dies, however it
+dies (kill -9 included), and p2pd gets SIGKILL from the kernel when the DHT process dies. An identity is held
+by one peer at a time (a lock file in its directory, held by the peer and its DHT process), and a fixed listen
+port still held by another process is refused: a restart never silently starts a second daemon beside a
+previous one that is still running.
 """
 
 from __future__ import annotations
@@ -39,7 +45,9 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 
 from p2pcod.errors import ConfigError, RecordError, SwarmError
+from p2pcod.swarm import lifetime
 from p2pcod.swarm.aio import LoopThread
+from p2pcod.swarm.lifetime import IdentityLock, TiedDHT, wait_ports_free
 from p2pcod.swarm.records import MAX_RECORD_BYTES, PeerRecord, parse_wire, tombstone_wire, wire_peer_id
 
 log = logging.getLogger(__name__)
@@ -167,15 +175,22 @@ class Membership:
         self._lock = threading.Lock()  # hivemind's DHT pipe is not safe for concurrent senders
         self._p2p: P2P | None = None
         self._closed = False
-        identity_path, private_key = load_identity(Path(identity_dir))
-        signer = RSASignatureValidator(private_key)
-        self._subkey = signer.local_public_key
-        self.peer_id = peer_id_of_owner(self._subkey)
-        self.dht = self._start_dht(
-            initial_peers, host_maddrs, announce_maddrs, identity_path, signer, start_timeout
-        )
+        deadline = time.monotonic() + lifetime.HELD_GRACE
+        self._identity_lock = IdentityLock(Path(identity_dir), deadline)
+        try:
+            identity_path, private_key = load_identity(Path(identity_dir))
+            signer = RSASignatureValidator(private_key)
+            self._subkey = signer.local_public_key
+            self.peer_id = peer_id_of_owner(self._subkey)
+            wait_ports_free(host_maddrs, deadline)
+            self.dht = self._start_dht(
+                initial_peers, host_maddrs, announce_maddrs, identity_path, signer, start_timeout
+            )
+        except BaseException:
+            self._identity_lock.release()
+            raise
         self.loop = LoopThread(f"p2pcod-swarm-{swarm}")
-        self._finalizer = weakref.finalize(self, _shutdown, self.dht, self.loop, [None])
+        self._finalizer = weakref.finalize(self, _shutdown, self.dht, self.loop, [None], self._identity_lock)
         actual = self.dht.peer_id.to_base58()
         if actual != self.peer_id:  # cannot happen unless hivemind changes how it derives peer ids
             self.shutdown()
@@ -190,7 +205,8 @@ class Membership:
         deadline = time.monotonic() + timeout
         backoff = 1.0
         for attempt in range(1, _JOIN_ATTEMPTS + 1):
-            dht = hivemind.DHT(
+            dht = TiedDHT(
+                lock=self._identity_lock,
                 initial_peers=list(initial_peers) or None,
                 start=False,
                 host_maddrs=list(host_maddrs),
@@ -305,7 +321,9 @@ class Membership:
                     P2P.replicate(maddr), timeout=_CALL_TIMEOUT, what="connecting to p2pd"
                 )
                 self._finalizer.detach()
-                self._finalizer = weakref.finalize(self, _shutdown, self.dht, self.loop, [self._p2p])
+                self._finalizer = weakref.finalize(
+                    self, _shutdown, self.dht, self.loop, [self._p2p], self._identity_lock
+                )
             return self._p2p
 
     def shutdown(self) -> None:
@@ -321,13 +339,14 @@ class Membership:
         self.shutdown()
 
 
-def _shutdown(dht: hivemind.DHT, loop: LoopThread, p2p_box: list) -> None:
+def _shutdown(dht: hivemind.DHT, loop: LoopThread, p2p_box: list, lock: IdentityLock) -> None:
     p2p = p2p_box[0]
     if p2p is not None:
         with contextlib.suppress(Exception):  # best effort at shutdown
             loop.run(p2p.shutdown(), timeout=5.0, what="closing the p2p handle")
     loop.stop()
     _stop_dht(dht)
+    lock.release()  # after the DHT process is gone: the identity is free only once nothing uses it
 
 
 def _remove_dead_sockets(before: set[Path]) -> None:

@@ -5,10 +5,12 @@ Wire protocol `/p2pcod/<swarm>/blob/1`, one blob per stream:
     server -> client   1 status byte; if OK: 8-byte big-endian size, then the blob; then the stream closes.
 The client trusts nothing: it refuses an announced size above its limit before connecting, stops as soon
 as the size header or the byte count disagrees with the signed record, bounds the whole fetch by a
-timeout and checks the sha256. The server bounds the request, its concurrent uploads, the streams one
+timeout and checks the sha256. A stream that ends or breaks early is followed by one fresh request: a peer that
+answers it cut the stream itself (a bad blob), one that does not went away (PeerGone: unreachable, not an offence).
+The server bounds the request, its concurrent uploads, the streams one
 remote peer may hold open at once and each upload's duration, so that a flood or a client that stops
 reading cannot hold it forever nor crowd out the other peers; a peer that keeps offending (excess streams,
-malformed or missing requests) is banned from the server for a while.
+malformed or missing requests) is banned from the server for a while. Closing cuts running uploads quietly.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ STALL_TIMEOUT = 15.0  # a fetch fails when the server sends nothing for this lon
 SERVE_BAN_AFTER = 16  # offences (excess streams, bad or missing requests) within OFFENCE_WINDOW before a ban
 SERVE_BAN_FOR = 300.0  # seconds a banned peer's streams are cut without an answer
 OFFENCE_WINDOW = 60.0
+PROBE_TIMEOUT = 5.0  # s a peer has to answer a fresh request after cutting a stream (else it went away)
 _MAX_TRACKED = 10_000  # remote peers with offence or ban records kept at most (bounded memory)
 
 
@@ -67,6 +70,19 @@ class PeerBusy(TransferError):
 
 class BlobMismatch(TransferError):
     """Size or sha256 of what arrived differs from the record."""
+
+
+class BlobTruncated(BlobMismatch):
+    """The stream ended before the announced size, and the peer still answers: it cut the blob short."""
+
+
+class StreamCut(TransferError):
+    """The stream closed or broke before an answer, and the peer still answers: it cut the stream itself."""
+
+
+class PeerGone(TransferError):
+    """The peer cannot be reached, or went away mid-transfer (its stream ended and it answers no more):
+    not misbehaviour."""
 
 
 class TransferTimeout(TransferError):
@@ -261,6 +277,10 @@ class Transfer:
         except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, OSError) as err:
             self._count("upload_failures")
             log.info("upload to %s failed: %s", getattr(info, "peer_id", "?"), type(err).__name__)
+        except asyncio.CancelledError:
+            # close() (this peer stopping) cuts running uploads. Ending the task normally is deliberate: asyncio's
+            # stream server logs a cancelled handler task as an ERROR with a traceback. The stream is aborted below.
+            log.debug("upload to %s cut: this peer is stopping", peer)
         finally:
             self._tasks.discard(task)
             left = self._per_peer.get(peer, 1) - 1
@@ -348,13 +368,14 @@ class Transfer:
         self, peer_id: str, digest: str, expected_size: int, *, max_bytes: int, timeout: float = 60.0
     ) -> bytes:
         """Fetch the blob `digest` of `expected_size` bytes from `peer_id`; TransferError (a SwarmError) on
-        any failure. The whole call is bounded by `timeout` (download rate limit included)."""
+        any failure, PeerGone when the peer is unreachable or went away. The download is bounded by `timeout`
+        (download rate limit included), plus PROBE_TIMEOUT to ask the peer after a cut stream."""
         try:
             self._check_args(peer_id, digest, expected_size, max_bytes, timeout)
             peer = PeerID.from_base58(peer_id)
             blob = self._loop.run(
                 self._fetch_bounded(peer, digest, expected_size, timeout),
-                timeout=timeout + 5.0,
+                timeout=timeout + PROBE_TIMEOUT + 5.0,
                 what=f"fetching {digest[:12]} from {peer_id}",
             )
         except SwarmError:
@@ -390,22 +411,42 @@ class Transfer:
             raise TransferTimeout(
                 f"fetching {digest[:12]} from {peer} took longer than {timeout:.1f} s"
             ) from None
+        except (StreamCut, BlobTruncated) as err:  # outside the download's bound: the probe has its own
+            if await self._answers(peer, digest):
+                raise  # it is there and serving: it cut the stream itself
+            raise PeerGone(f"{err}; it answers no more: the peer went away") from None
 
     async def _fetch(self, peer: PeerID, digest: str, size: int) -> bytes:
         try:
             _, reader, writer = await self._p2p.call_binary_stream_handler(peer, self.name)
         except Exception as err:  # noqa: BLE001 - p2pd reports unreachable peers in several ways
-            raise TransferError(f"cannot open a blob stream to {peer}: {type(err).__name__}: {err}") from err
+            raise PeerGone(f"cannot open a blob stream to {peer}: {type(err).__name__}: {err}") from err
         try:
             writer.write(REQUEST_PREFIX + digest.encode("ascii"))
             await writer.drain()
             return await self._receive(reader, peer, digest, size)
         except asyncio.IncompleteReadError as err:
-            raise TransferError(f"{peer} closed the stream early ({len(err.partial)} header bytes)") from None
+            raise StreamCut(f"{peer} closed the stream early ({len(err.partial)} header bytes)") from None
         except (ConnectionError, OSError) as err:
-            raise TransferError(f"stream from {peer} broke: {type(err).__name__}: {err}") from None
+            raise StreamCut(f"stream from {peer} broke: {type(err).__name__}: {err}") from None
         finally:
             writer.transport.abort()
+
+    async def _answers(self, peer: PeerID, digest: str) -> bool:
+        """Whether `peer` answers a fresh request for `digest` (any status byte) within PROBE_TIMEOUT."""
+        try:
+            return await asyncio.wait_for(self._status_of(peer, digest), PROBE_TIMEOUT)
+        except Exception:  # noqa: BLE001 - no stream, a broken one or no answer in time: it is not there
+            return False
+
+    async def _status_of(self, peer: PeerID, digest: str) -> bool:
+        _, reader, writer = await self._p2p.call_binary_stream_handler(peer, self.name)
+        try:
+            writer.write(REQUEST_PREFIX + digest.encode("ascii"))
+            await writer.drain()
+            return len(await reader.readexactly(1)) == 1
+        finally:
+            writer.transport.abort()  # the status is all we wanted
 
     async def _stalls(self, read: Any, peer: PeerID, digest: str, got: int, size: int) -> Any:
         """`read` (an awaitable), failing if the peer sends nothing for `stall_timeout` s."""
@@ -436,7 +477,7 @@ class Transfer:
         while got < size:
             chunk = await self._stalls(reader.read(min(self.chunk_size, size - got)), peer, digest, got, size)
             if not chunk:
-                raise BlobMismatch(f"peer {peer} sent {got} of the {size} bytes of blob {digest[:12]}")
+                raise BlobTruncated(f"peer {peer} sent {got} of the {size} bytes of blob {digest[:12]}")
             self._count("bytes_in", len(chunk))
             await self.download_bucket.aconsume(len(chunk))
             view[got : got + len(chunk)] = chunk
