@@ -2,7 +2,8 @@
 
     python benchmarks/paper.py all --jobs 2          # every experiment, then docs/RESULTS.md figures
     python benchmarks/paper.py steps|split|reload|churn|int8 [--steps N] [--jobs J]
-    python benchmarks/paper.py cost [--seeds 0 1 2]        # cheap distillation defaults vs the exact mean
+    python benchmarks/paper.py cost [--seeds 0 1 2] [--variants exact defaults k=1 f=0.25 ...]
+                                                           # cheaper distillation settings vs the exact mean
 
 Each experiment runs `p2pcod train` jobs (in parallel, one torch thread each) into
 runs/paper/<experiment>/<run>, then prints a markdown table and writes a PNG into docs/.
@@ -199,28 +200,43 @@ def exp_int8(args) -> str:
 
 
 EXACT = ["distill.teachers_per_step=0", "distill.batch_fraction=1.0", 'distill.teacher_precision="fp32"']
-COST_SETTINGS = {  # name -> (models, overrides): the settings of issue 12's quality check
-    "ring-4": (4, ['exchange.topology="ring"', "train.steps=300"]),
-    "full-4": (4, ['exchange.topology="full"', "train.steps=300"]),
-    "data-limited-2": (2, ["task.max_bytes=1000000", "distill.burn_in=100", "train.steps=800"]),
+COST_SETTINGS = {  # name -> (models, teachers each holds, overrides)
+    "ring-4": (4, 1, ['exchange.topology="ring"', "train.steps=300"]),
+    "full-4": (4, 3, ['exchange.topology="full"', "train.steps=300"]),
+    "data-limited-2": (2, 1, ["task.max_bytes=1000000", "distill.burn_in=100", "train.steps=800"]),
+}
+
+
+COST_VARIANTS = {  # name -> overrides; each ablation changes the exact mean in one way
+    "exact": EXACT,
+    "defaults": [],  # the recipe's
+    "k=1": EXACT + ["distill.teachers_per_step=1"],
+    "f=0.25": EXACT + ["distill.batch_fraction=0.25"],
+    "f=0.5": EXACT + ["distill.batch_fraction=0.5"],
+    "bf16": EXACT + ['distill.teacher_precision="bf16"'],
+    "k=1,f=0.5,auto": ["distill.teachers_per_step=1", "distill.batch_fraction=0.5", 'distill.teacher_precision="auto"'],
 }
 
 
 def exp_cost(args) -> str:
-    """The cheap distillation defaults (k teachers per step, part of the batch, bf16 teachers) against the exact
+    """The cheap distillation settings (k teachers per step, part of the batch, bf16 teachers) against the exact
     full mean, at equal steps: mean final / best validation loss of the models, per seed."""
     d = RUNS / "cost"
     seeds = args.seeds
+    variants = args.variants or ["exact", "defaults"]
     jobs = [(d / f"{name}-{variant}-s{seed}", "lm-tiny.toml", models, sets + [f"train.seed={seed}"]
-             + (EXACT if variant == "exact" else []))
-            for name, (models, sets) in COST_SETTINGS.items() for variant in ("exact", "defaults") for seed in seeds]
+             + COST_VARIANTS[variant])
+            for name, (models, held, sets) in COST_SETTINGS.items() for variant in variants for seed in seeds
+            if not (variant == "k=1" and held == 1)]  # a draw of one of one teacher is the exact mean
     run_all(jobs, args.jobs)
     rows = ["| setting | distillation | final val per seed (mean of the models) | mean ± half range | best val mean |"
             " wall s (mean) |", "|---|---|---|---|---|---|"]
     summary = []
     for name in COST_SETTINGS:
         means = {}
-        for variant in ("exact", "defaults"):
+        for variant in variants:
+            if not (d / f"{name}-{variant}-s{seeds[0]}").exists():
+                continue  # not run (k=1 where one teacher is held)
             finals, bests, walls = [], [], []
             for seed in seeds:
                 run = d / f"{name}-{variant}-s{seed}"
@@ -233,10 +249,13 @@ def exp_cost(args) -> str:
             means[variant] = (mean, half)
             rows.append(f"| {name} | {variant} | {', '.join(f'{v:.4f}' for v in finals)} | {mean:.4f} ± {half:.4f} | "
                         f"{np.mean(bests):.4f} | {np.mean(walls):.0f} |")
-        diff = means["defaults"][0] - means["exact"][0]
-        spread = max(means["defaults"][1], means["exact"][1])
-        summary.append(f"- {name}: defaults - exact = {diff:+.4f} nats (half range of the seeds: {spread:.4f}; "
-                       f"{'within' if abs(diff) <= spread else 'outside'} the seed spread)")
+        for variant in means:
+            if variant == "exact" or "exact" not in means:
+                continue
+            diff = means[variant][0] - means["exact"][0]
+            spread = max(means[variant][1], means["exact"][1])
+            summary.append(f"- {name}: {variant} - exact = {diff:+.4f} nats (half range of the seeds: {spread:.4f}; "
+                           f"{'within' if abs(diff) <= spread else 'outside'} the seed spread)")
     return "\n".join([f"lm-tiny, seeds {seeds}; exact: {' '.join(EXACT)}.", "", *rows, "", *summary])
 
 
@@ -252,6 +271,8 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=3, help="retrain pairs (churn) / seeds (int8)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the cost experiment")
+    ap.add_argument("--variants", nargs="+", choices=list(COST_VARIANTS), default=None,
+                    help="distillation settings of the cost experiment (default: exact, defaults)")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="recipe override for every run of the experiment (repeatable)")
     ap.add_argument("--tag", default="", help="suffix for the runs/ and docs/ names (e.g. a longer horizon)")

@@ -62,7 +62,7 @@ class DistillConfig:
     # What a step with teachers costs (see docs/RESULTS.md, "What a teacher costs"). The paper's exact algorithm,
     # every teacher on every example in fp32, is teachers_per_step = 0, batch_fraction = 1, teacher_precision = "fp32".
     teachers_per_step: int = 1  # teachers run per step, drawn uniformly per step; 0 = all held (the exact mean)
-    batch_fraction: float = 0.25  # ψ on the first ceil(f * B) examples of each batch: teachers run on those only
+    batch_fraction: float = 0.5  # ψ on the first ceil(f * B) examples of each batch: teachers run on those only
     teacher_precision: str = "auto"  # fp32 | bf16 | int8 | auto (bf16 where the device computes it natively)
     prefetch: bool = False  # compute the next batch's teacher target while the student runs its backward pass
 

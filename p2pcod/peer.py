@@ -318,8 +318,8 @@ def _train_loop(recipe: Recipe, trainer: Trainer, session: Session, opts: PeerOp
 
 def _log(trainer: Trainer, session: Session, evaluate: bool, progress, extra: dict | None = None) -> dict[str, Any]:
     stats = session.stats()
-    keys = ("bytes_in", "bytes_out", "fetch_ok", "fetch_failed", "fetch_bans", "serve_bans", "streams_refused",
-            "neighbours")
+    keys = ("bytes_in", "bytes_out", "fetch_ok", "fetch_failed", "fetch_unreachable", "fetch_bans", "serve_bans",
+            "streams_refused", "neighbours")
     fields = {k: stats[k] for k in keys}
     record = trainer.log(evaluate=evaluate, extra={**fields, **(extra or {})})
     if progress:

@@ -281,7 +281,8 @@ class Session:
             "bytes_in": int(t.get("bytes_in", 0)),
             "bytes_out": int(t.get("bytes_out", 0)),
             "fetch_ok": self.fetcher.stats["fetched"],
-            "fetch_failed": self.fetcher.stats["failed"],
+            "fetch_failed": self.fetcher.stats["failed"],  # offences: bad or refused checkpoints
+            "fetch_unreachable": self.fetcher.stats["unreachable"],  # neighbours gone or not answering: no offence
             "fetch_bans": self.fetcher.stats["banned"],  # peers we stopped fetching from (repeat offenders)
             "serve_bans": int(t.get("banned", 0)),  # peers our blob server stopped serving (floods)
             "streams_refused": int(t.get("flood_refused", 0)) + int(t.get("banned_refused", 0)),
