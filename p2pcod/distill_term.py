@@ -24,11 +24,10 @@ from p2pcod.teachers import TeacherPool
 
 @dataclass
 class Term:
-    """A step's distillation loss and what it cost: the teachers run and the examples they ran on."""
+    """A step's distillation loss and what it cost: how many teacher forward passes it ran."""
 
     loss: torch.Tensor
     teacher_passes: int = 0
-    rows: int = 0
 
 
 class DistillTerm:
@@ -60,19 +59,22 @@ class DistillTerm:
         student = logits[:n]
         if self.cfg.target != "teachers":
             target = distill.smoothing_target(student, self.cfg, self.kind, self._unigram)
-            return Term(distill.loss(student, target, self.cfg, self.kind, step), 0, n)
+            return Term(distill.loss(student, target, self.cfg, self.kind, step))
         target, passes = self._target(x, n, tuple(student.shape), step, seed)
         if target is None:
             return zero
-        return Term(distill.loss(student, target, self.cfg, self.kind, step), passes, n)
+        return Term(distill.loss(student, target, self.cfg, self.kind, step), passes)
 
     def _target(self, x: Any, n: int, shape: tuple[int, ...], step: int, seed: int
                 ) -> tuple[torch.Tensor | None, int]:
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead[0] == (step, seed) and ahead[1] is x and ahead[2].exception() is None:
             target, passes = ahead[2].result()
-            if self._stream is not None:  # the side stream's work must be done before the student reads it
+            if self._stream is not None and target is not None:
+                # the side stream's work must be done before the student reads it, and its memory not reused
+                # by the side stream while this stream still reads it
                 torch.cuda.current_stream().wait_stream(self._stream)
+                target.record_stream(torch.cuda.current_stream())
             if target is None or tuple(target.shape) == shape:
                 return target, passes
         return self._compute(x, n, shape, step, seed)
@@ -97,6 +99,8 @@ class DistillTerm:
             if _device_of(x).type == "cuda":
                 self._stream = torch.cuda.Stream(device=_device_of(x))
         self.discard()
+        if self._stream is not None:  # x was made on this stream: the side stream must not read it before
+            self._stream.wait_stream(torch.cuda.current_stream())
         self._ahead = ((step, seed), x, self._pool.submit(self._in_background, x, n, rows_shape, step, seed))
 
     def _in_background(self, x: Any, n: int, shape: tuple[int, ...], step: int, seed: int):

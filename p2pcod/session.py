@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,7 @@ class Session:
             build_model, distill_cfg, kind, max_teachers=exchange.max_teachers or None
         )
         self._term = DistillTerm(distill_cfg, kind, self.teachers)
-        self._seed = int.from_bytes(name.encode()[:4].ljust(4, b"\0"), "big")  # teacher draws differ per peer
+        self._seed = zlib.crc32(name.encode())  # teacher draws differ from peer to peer, and repeat on a restart
         self._step = start_step
         self._published: tuple[int, str, int] = (0, "", 0)  # (step, digest, size)
         self._lock = threading.Lock()

@@ -77,12 +77,17 @@ def test_a_listen_port_held_by_another_process_is_refused_naming_it(tmp_path, mo
 
 
 # ---- real peers -----------------------------------------------------------------------------------------
-@pytest.mark.slow
-def test_kill_9_takes_the_dht_process_and_p2pd_along(tmp_path, swarm_name, procs):
+def _joined_on_a_fixed_port(tmp_path, swarm_name, procs) -> tuple[PeerProc, str]:
     listen = f"/ip4/127.0.0.1/tcp/{free_port()}"
     peer = PeerProc(tmp_path / "p0", "p0", swarm_name, listen=listen)
     procs.append(peer)
     peer.wait_joined()
+    return peer, listen
+
+
+@pytest.mark.slow
+def test_kill_9_takes_the_dht_process_and_p2pd_along(tmp_path, swarm_name, procs):
+    peer, listen = _joined_on_a_fixed_port(tmp_path, swarm_name, procs)
     peer_id = peer.info()["peer_id"]
     identity = peer.run_dir / "identity" / "p2p.key"
     before = processes_of(peer)
@@ -104,10 +109,7 @@ def test_kill_9_takes_the_dht_process_and_p2pd_along(tmp_path, swarm_name, procs
 
 @pytest.mark.slow
 def test_a_second_peer_on_a_held_identity_and_port_stops_naming_them(tmp_path, swarm_name, procs):
-    listen = f"/ip4/127.0.0.1/tcp/{free_port()}"
-    first = PeerProc(tmp_path / "p0", "p0", swarm_name, listen=listen)
-    procs.append(first)
-    first.wait_joined()
+    first, listen = _joined_on_a_fixed_port(tmp_path, swarm_name, procs)
     second = PeerProc(first.run_dir, "p0", swarm_name, listen=listen, resume=True)  # the issue's --resume
     procs.append(second)
     wait_for(lambda: not second.alive(), 90, "the second peer to stop")
