@@ -27,6 +27,7 @@ RUNS = ROOT / "runs" / "paper"
 DOCS = ROOT / "docs"
 FIG_SUFFIX = ""
 EXTRA_SETS: list[str] = []
+LM_SETS: list[str] = []  # overrides for the lm runs only (--corpus)
 sys.path.insert(0, str(ROOT))
 
 from p2pcod.churn import churn_runs, mean_and_half_range  # noqa: E402
@@ -43,7 +44,7 @@ def train(run_dir: Path, recipe: str, models: int, sets: list[str], ensemble: bo
         shutil.rmtree(run_dir)  # an unfinished run: start it again
     cmd = [sys.executable, "-m", "p2pcod", "train", "--config", str(ROOT / "peers" / recipe),
            "--models", str(models), "--run-dir", str(run_dir), "--set", "train.threads=1"]
-    for s in EXTRA_SETS + sets:
+    for s in EXTRA_SETS + (LM_SETS if recipe.startswith("lm") else []) + sets:
         cmd += ["--set", s]
     if ensemble:
         cmd.append("--ensemble")
@@ -276,9 +277,13 @@ def main() -> None:
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="recipe override for every run of the experiment (repeatable)")
     ap.add_argument("--tag", default="", help="suffix for the runs/ and docs/ names (e.g. a longer horizon)")
+    ap.add_argument("--corpus", default=None, metavar="PATH",
+                    help="lm runs read this text tree instead of the standard library (task.corpus); use with --tag")
     args = ap.parse_args()
     global RUNS, FIG_SUFFIX
     EXTRA_SETS.extend(args.sets)
+    if args.corpus:
+        LM_SETS.append(f"task.corpus={json.dumps(str(Path(args.corpus).resolve()))}")
     RUNS = RUNS.parent / f"paper{args.tag}" if args.tag else RUNS
     FIG_SUFFIX = args.tag
     names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
