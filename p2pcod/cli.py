@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "exchange.topology, as peers do (2 models: each from the other; none: M independent "
                         "models, no exchange; edges: pairs of the names m0, m1, ...)")
     p.add_argument("--ensemble", action="store_true", help="train independent copies, evaluate their average")
-    p.add_argument("--fp32-teachers", action="store_true", help="skip the int8 codec for teachers (ablation)")
+    p.add_argument("--fp32-teachers", action="store_true",
+                   help="skip the int8 codec for teachers (ablation; distill.teacher_precision still applies)")
     p.add_argument("--run-dir", default=None, help="where metrics and checkpoints go (default runs/<recipe>-...)")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",

@@ -94,22 +94,31 @@ def teacher_precision(precision: str, device: str | torch.device) -> tuple[torch
     return (torch.bfloat16 if precision == "bf16" else None), precision == "int8"
 
 
-def _int8_copy(module: torch.nn.Module) -> torch.nn.Module:
-    """A copy of `module` whose Linear layers hold int8 weights and quantise activations per batch.
+def _quantize_dynamic() -> Callable[..., torch.nn.Module]:
+    """torch.ao's quantize_dynamic (fbgemm / x86 kernels), looked up when a pool is made, so that a torch without it
+    is an error at start, never a failed swap counted against an honest neighbour.
 
-    torch.ao's quantize_dynamic (fbgemm / x86 kernels) is deprecated in favour of torchao, but torchao's int8
-    paths need torch.compile on CPU to be fast, and the aten kernel they fall back to measured 30x slower than
-    an fp32 matmul here (benchmarks/overhead.py --precision-check); this is the fast int8 path the pinned torch has.
+    It is deprecated in favour of torchao, but torchao's int8 paths need torch.compile to be fast on CPU, and the
+    aten kernel they fall back to (_weight_int8pack_mm) was far slower than an fp32 matmul on this project's CPU;
+    this is the fast int8 path the pinned torch has.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+            from torch.ao.quantization import quantize_dynamic
         except ImportError as e:  # a future torch without it
             raise TeacherError("distill.teacher_precision = 'int8' needs torch.ao.quantization.quantize_dynamic, "
                                "which this torch does not have: use 'bf16' or 'fp32'") from e
-        # per-output-channel weight scales: closer to fp32 than one scale per tensor, at the same speed
-        return quantize_dynamic(module, {torch.nn.Linear: per_channel_dynamic_qconfig}, inplace=False)
+    return quantize_dynamic
+
+
+def _int8_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `module` whose Linear layers hold int8 weights (per output channel) and quantise activations."""
+    from torch.ao.quantization import per_channel_dynamic_qconfig
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _quantize_dynamic()(module, {torch.nn.Linear: per_channel_dynamic_qconfig}, inplace=False)
 
 
 def _cfg_key(model_cfg: Mapping) -> str:
@@ -167,6 +176,8 @@ class TeacherPool:
         self.kind = kind
         self.device = torch.device(device)
         resolved, self.int8 = teacher_precision(cfg.teacher_precision, self.device)
+        if self.int8:
+            _quantize_dynamic()  # a torch without int8 kernels stops here, not at every teacher swap
         self.dtype = dtype if dtype is not None else resolved
         self.max_teachers = max_teachers
         self._lock = threading.Lock()
@@ -204,7 +215,7 @@ class TeacherPool:
         if module is None:
             module = self._new_module(name, model_cfg, state_dict)
         self._load(name, module, state_dict)
-        runner = _int8_copy(module) if self.int8 else module
+        runner = self._runner(name, module)
         info = TeacherInfo(name, step, copy.deepcopy(dict(model_cfg)), time.time(), dict(meta or {}))
         with self._lock:
             old = self._active.get(name)
@@ -214,6 +225,16 @@ class TeacherPool:
             else:
                 self._standby.pop(name, None)
             self._evict_locked(keep=name)
+
+    def _runner(self, name: str, module: torch.nn.Module) -> torch.nn.Module:
+        """What predict() runs for this teacher: the module, or its int8 copy (teacher_precision = "int8")."""
+        if not self.int8:
+            return module
+        try:
+            return _int8_copy(module)
+        except Exception as e:  # noqa: BLE001 - our own conversion failing is no fault of the peer: run it as it is
+            log.warning("teacher %r: int8 conversion failed (%r); it runs unquantised", name, e)
+            return module
 
     def meta_model(self, model_cfg: Mapping, name: str = "") -> torch.nn.Module:
         """The module `model_cfg` builds, on the meta device: its parameters have shapes and dtypes but no
