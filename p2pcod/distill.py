@@ -5,7 +5,9 @@ Per peer (Anil et al. 2018, Algorithm 1):
     step < burn_in:               loss = φ(y, F(θ, x))
     otherwise, with >= 1 teacher: loss = φ(y, F(θ, x)) + α · ψ(aggregate_j F(θ_j_stale, x), F(θ, x))
 
-This module computes only the second term; the task owns φ. Pure torch, no I/O.
+This module computes only the second term; the task owns φ. Pure torch, no I/O. It also holds what bounds the
+term's cost (rows: the examples it runs on; draw_teachers: which teachers a step runs); p2pcod/distill_term.py
+applies them in a training step.
 
 Two kinds of output:
   "multiclass": logits of shape (..., C), classes on the last dim;
