@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -38,6 +39,13 @@ TINY_SETS = {
     "exchange": {"reload_every": 5, "ttl": 8.0, "heartbeat": 1.0},
 }
 
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (a fixed --listen port, a group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 def tiny_spec_sets(**changes: dict) -> str:
     """TINY_SETS as TOML `[swarm.set.<section>]` tables, with `changes` ({section: {key: value}}) applied."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peerproc import FAST, RECIPE, ROOT, PeerProc, wait_for
+from peerproc import FAST, RECIPE, ROOT, PeerProc, free_port, wait_for
 
 from p2pcod.config import load_recipe
 from p2pcod.errors import ConfigError
@@ -29,12 +28,6 @@ from p2pcod.teachers import TeacherPool
 
 pytestmark = pytest.mark.slow
 TOPOLOGY = ['exchange.topology="full"']
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RankProc(PeerProc):

@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from peerproc import PeerProc, group_members, wait_for
+from peerproc import PeerProc, free_port, group_members, wait_for
 
 from p2pcod.errors import SwarmError
 from p2pcod.swarm import lifetime
@@ -23,12 +23,6 @@ from p2pcod.swarm.lifetime import IdentityLock, wait_ports_free
 @pytest.fixture
 def swarm_name():
     return f"t{uuid.uuid4().hex[:8]}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def daemons_of(identity: Path) -> list[int]:
