@@ -40,12 +40,12 @@ TINY_SETS = {
 }
 
 
-
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 now (a fixed --listen port, a group's rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
 
 def tiny_spec_sets(**changes: dict) -> str:
     """TINY_SETS as TOML `[swarm.set.<section>]` tables, with `changes` ({section: {key: value}}) applied."""
